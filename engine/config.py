@@ -1,0 +1,178 @@
+"""Typed run configuration, presets, and the command line that overrides them.
+
+`python -m engine.train --config PRESET_OR_FILE --section.key=value ...`: a preset (or a JSON/YAML
+file of overrides) gives the starting values; flags override single keys. Parsing and type errors
+come from tyro.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+from engine.optim import OptimConfig
+from models import LLAMA_PRESETS, ClassifierConfig, LlamaConfig
+from sharding import MeshConfig
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message names the value and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # Tokens per training sequence (language modelling).
+    seq_len: int = 128
+    # Batches of `batch_size` held-out examples per evaluation.
+    eval_batches: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    # Save every N steps; 0 = off.
+    every: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    # Write metrics.jsonl (and TensorBoard) every N steps.
+    every: int = 1
+    # Print a one-line summary every N steps.
+    summary_every: int = 50
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Train a model with shardtrain. Presets: see --config."""
+
+    # What to train: "lm" = byte-level Llama on the Python stdlib sources; "digits" = MLP on
+    # scikit-learn's handwritten digits.
+    task: Literal["lm", "digits"] = "lm"
+    model: LlamaConfig = LlamaConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    mesh: MeshConfig = MeshConfig()
+    # Rule table mapping logical axis names to mesh axes (sharding.RULE_PRESETS).
+    rules: Literal["default", "no_zero3"] = "default"
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    steps: int = 300
+    seed: int = 0
+    # Where metrics.jsonl, config.json, TensorBoard events and checkpoints go.
+    run_dir: str = "runs/default"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Global batch, in sequences (or images), across all devices.
+    batch_size: int = 32
+    # Evaluate every N steps and at the end; 0 = only at the end.
+    eval_every: int = 50
+    # Peak FLOP/s per device for MFU; None = look the device up (null on CPU).
+    peak_flops: float | None = None
+
+
+PRESETS: dict[str, Config] = {
+    # CPU tests: a 2-layer model, well under a second a step on 8 virtual devices.
+    "tiny": Config(
+        model=LLAMA_PRESETS["tiny"],
+        steps=20,
+        batch_size=16,
+        data=DataConfig(seq_len=64, eval_batches=2),
+        run_dir="runs/tiny",
+        eval_every=0,
+    ),
+    # Quick start: ~0.8M-param byte-level Llama; validation loss falls from 5.5 to about 1.6
+    # (2.3 bits per byte) in 300 steps, a few minutes on 2 CPU cores.
+    "default": Config(),
+    # Vision: MLP on 8x8 digits; reaches ~97-98% validation accuracy in 500 steps (seconds).
+    "digits": Config(
+        task="digits",
+        steps=500,
+        batch_size=64,
+        run_dir="runs/digits",
+        eval_every=100,
+        optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=1e-4),
+    ),
+    # Llama 3.2 1B shapes in bf16 at 2k context: a GPU/TPU run, not for CPU.
+    "1b": Config(
+        model=dataclasses.replace(LLAMA_PRESETS["1b"], remat="dots_no_batch"),
+        precision="bf16",
+        batch_size=8,
+        steps=200,
+        run_dir="runs/1b",
+        data=DataConfig(seq_len=2048, eval_batches=2),
+        eval_every=0,
+        optim=OptimConfig(lr=3e-4, warmup_steps=20),
+    ),
+}
+
+
+def _flags(overrides: dict, prefix: str = "") -> list[str]:
+    """Nested dict -> ['--a.b=value', ...], so file overrides go through the same typed parser."""
+    flags = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flags += _flags(value, f"{prefix}{key}.")
+        else:
+            value = "None" if value is None else value
+            flags.append(f"--{prefix}{key}={value}")
+    return flags
+
+
+def _base(name: str) -> tuple[Config, list[str]]:
+    if name in PRESETS:
+        return PRESETS[name], []
+    path = Path(name)
+    if path.suffix in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"Config file '{name}' does not exist; pass an existing file path.")
+        text = path.read_text()
+        if path.suffix == ".json":
+            overrides = json.loads(text)
+        else:
+            import yaml
+
+            overrides = yaml.safe_load(text)
+        return Config(), _flags(overrides or {})
+    raise ConfigError(
+        f"Unknown preset '{name}'; use one of {', '.join(PRESETS)} or a .json/.yaml file."
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Resolve `--config` (preset or file), then apply the remaining flags on top."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = "default"
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            name = argv[i + 1]
+            del argv[i : i + 2]
+            break
+        if arg.startswith("--config="):
+            name = arg.split("=", 1)[1]
+            del argv[i]
+            break
+    base, file_flags = _base(name)
+    description = (
+        "Train a model with shardtrain.\n\n"
+        f"--config PRESET_OR_FILE  one of: {', '.join(PRESETS)}; or a .json/.yaml file of "
+        "overrides (e.g. a run's config.json). Flags below override single keys."
+    )
+    return tyro.cli(
+        Config,
+        default=base,
+        args=file_flags + argv,
+        description=description,
+        use_underscores=True,
+        config=(tyro.conf.FlagConversionOff,),
+    )
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

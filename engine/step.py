@@ -1,0 +1,123 @@
+"""The pure train and eval steps, and the train state they carry.
+
+`train_step(state, batch) -> (state, metrics)` is one pure function of pytrees: the model's
+graph definition is closed over, its parameters travel in `state`. `compile_steps` jits both steps
+once with explicit in/out shardings and donated state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from engine.precision import LossScale, Policy, all_finite
+
+Batch = dict[str, jax.Array]
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of nnx.Param, each carrying its logical axis names
+    opt_state: Any
+    loss_scale: LossScale | None  # only under the fp16 policy
+
+
+def cross_entropy(logits, targets, mask):
+    """Summed token loss, number of counted tokens and number of correct argmax predictions."""
+    logits = logits.astype(jnp.float32)
+    # One-hot contraction rather than a gather, so a vocab-sharded logit stays sharded.
+    target_logit = jnp.einsum("...v,...v->...", logits, jax.nn.one_hot(targets, logits.shape[-1]))
+    losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(correct * mask)
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, policy: Policy):
+    def loss_fn(params, batch: Batch):
+        model = nnx.merge(graphdef, policy.cast_to_compute(params))
+        logits = policy.cast_to_output(model(policy.cast_to_compute(batch["inputs"])))
+        return cross_entropy(logits, batch["targets"], batch["mask"])
+
+    return loss_fn
+
+
+def split_microbatches(batch: Batch, n: int, sharding: NamedSharding | None) -> Batch:
+    """[B, ...] -> [n, B/n, ...] taking every n-th row, so each microbatch keeps its rows on the
+    devices that already hold them (a contiguous split would move data between devices)."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        if sharding is not None:
+            spec = P(None, *sharding.spec)
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
+        return x
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    policy: Policy,
+    microbatches: int = 1,
+    batch_sharding: NamedSharding | None = None,
+):
+    loss_fn = make_loss_fn(graphdef, policy)
+
+    def scaled_loss(params, batch, scale):
+        loss_sum, count, correct = loss_fn(params, batch)
+        return loss_sum * scale, (loss_sum, count)
+
+    grad_fn = jax.grad(scaled_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch):
+        scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1)
+        if microbatches == 1:
+            grads, (loss_sum, count) = grad_fn(state.params, batch, scale)
+        else:
+            # Accumulate summed gradients over microbatches; one optimizer update at the end.
+            def accumulate(carry, micro):
+                g, aux = grad_fn(state.params, micro, scale)
+                return jax.tree.map(jnp.add, carry, (g, aux)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.float32(0), jnp.float32(0)))
+            micro = split_microbatches(batch, microbatches, batch_sharding)
+            (grads, (loss_sum, count)), _ = jax.lax.scan(accumulate, zeros, micro)
+
+        # Mean over all counted tokens of the global batch, whatever the microbatching.
+        grads = jax.tree.map(lambda g: g / (count * scale), grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        loss_scale = state.loss_scale
+        if loss_scale is not None:
+            # An overflowing fp16 step keeps the old params and optimizer state; the scale halves.
+            finite = all_finite(grads)
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params = jax.tree.map(keep, params, state.params)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+            loss_scale = loss_scale.update(finite)
+        new_state = TrainState(state.step + 1, params, opt_state, loss_scale)
+
+        metrics = {"loss": loss_sum / count, "grad_norm": grad_norm, "lr": schedule(state.step)}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, policy: Policy):
+    loss_fn = make_loss_fn(graphdef, policy)
+
+    def eval_step(params, batch: Batch):
+        loss_sum, count, correct = loss_fn(params, batch)
+        return {"loss_sum": loss_sum, "count": count, "correct": correct}
+
+    return eval_step

@@ -1,0 +1,232 @@
+"""Set up a run (mesh, model, sharded state, compiled steps) and train it, top to bottom."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from engine.config import Config, ConfigError, to_dict
+from engine.data import make_task
+from engine.metrics import MetricsWriter, mfu, peak_flops
+from engine.optim import make_optimizer
+from engine.precision import POLICIES, LossScale
+from engine.step import TrainState, make_eval_step, make_train_step
+from models import Llama, MLPClassifier
+from sharding import (
+    RULE_PRESETS,
+    axis_rules,
+    batch_sharding,
+    check_divisible,
+    make_mesh,
+    tree_shardings,
+)
+
+
+def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
+    if cfg.task == "digits":
+        return MLPClassifier(cfg.classifier, rngs)
+    return Llama(cfg.model, rngs)
+
+
+def flops_per_token(cfg: Config) -> float:
+    model_cfg = cfg.classifier if cfg.task == "digits" else cfg.model
+    return model_cfg.flops_per_token(cfg.data.seq_len)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training loop needs, built once from a config."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    state: TrainState
+    state_shardings: Any
+    batch_shardings: dict[str, jax.sharding.NamedSharding]
+    train_step: Any  # compiled: (state, batch) -> (state, metrics)
+    eval_step: Any  # compiled: (params, batch) -> sums
+    task: Any
+    compile_s: float
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        # From this process's rows to one global array; the same call works on many hosts.
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_shardings[k], v)
+            for k, v in batch.items()
+        }
+
+
+def _check_batch(cfg: Config, mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...]) -> None:
+    ways = int(np.prod([mesh.shape[a] for a in batch_axes]))
+    micro = cfg.optim.microbatches
+    if micro < 1 or cfg.batch_size % micro:
+        raise ConfigError(
+            f"--batch_size={cfg.batch_size} does not split into --optim.microbatches={micro}; "
+            "use a microbatch count that divides the batch size."
+        )
+    if (cfg.batch_size // micro) % ways:
+        flags = " x ".join(f"--mesh.{a}={mesh.shape[a]}" for a in batch_axes)
+        raise ConfigError(
+            f"--batch_size={cfg.batch_size} (per microbatch {cfg.batch_size // micro}) is not "
+            f"divisible by the data-parallel size {ways} ({flags}); use a batch size that is a "
+            f"multiple of {ways * micro}."
+        )
+
+
+def setup(cfg: Config, devices: list[jax.Device] | None = None) -> Run:
+    """Mesh, sharded initial state and the once-compiled train and eval steps.
+
+    `devices` defaults to all; the mesh must use exactly these.
+    """
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = RULE_PRESETS[cfg.rules]
+    policy = POLICIES[cfg.precision]
+    tx, schedule = make_optimizer(cfg.optim, cfg.steps)
+
+    # Shapes and logical names first (no memory), so a bad mesh fails before any allocation.
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.seed)))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    check_divisible(abstract_params, mesh, rules)
+
+    def init() -> TrainState:
+        params = nnx.state(build_model(cfg, nnx.Rngs(cfg.seed)))
+        loss_scale = LossScale.create() if policy.loss_scaling else None
+        return TrainState(jnp.int32(0), params, tx.init(params), loss_scale)
+
+    abstract_state = jax.eval_shape(init)
+    state_shardings = tree_shardings(abstract_state, mesh, rules)
+    with jax.set_mesh(mesh), axis_rules(rules):
+        state = jax.jit(init, out_shardings=state_shardings)()
+
+    task = make_task(cfg.task, cfg.batch_size, cfg.data.seq_len, cfg.seed, cfg.data.eval_batches)
+    example = task.train_batch(0)
+    batch_shardings = {k: batch_sharding(mesh, rules, v.ndim) for k, v in example.items()}
+    _check_batch(cfg, mesh, tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1))
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
+        for k, v in example.items()
+    }
+
+    train_fn = make_train_step(
+        graphdef, tx, schedule, policy, cfg.optim.microbatches, batch_shardings["inputs"]
+    )
+    eval_fn = make_eval_step(graphdef, policy)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh), axis_rules(rules):
+        # Lowered and compiled ahead of time: exactly one compilation per step function.
+        train_step = (
+            jax.jit(
+                train_fn,
+                in_shardings=(state_shardings, batch_shardings),
+                out_shardings=(state_shardings, None),
+                donate_argnums=0,
+            )
+            .lower(abstract_state, abstract_batch)
+            .compile()
+        )
+        eval_step = (
+            jax.jit(eval_fn, in_shardings=(state_shardings.params, batch_shardings))
+            .lower(abstract_state.params, abstract_batch)
+            .compile()
+        )
+    compile_s = time.perf_counter() - start
+    return Run(
+        cfg,
+        mesh,
+        graphdef,
+        state,
+        state_shardings,
+        batch_shardings,
+        train_step,
+        eval_step,
+        task,
+        compile_s,
+    )
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    for batch in run.task.eval_iter():
+        sums = jax.device_get(run.eval_step(run.state.params, run.put_batch(batch)))
+        totals = {k: totals[k] + float(sums[k]) for k in totals}
+    loss = totals["loss_sum"] / totals["count"]
+    result = {"eval_loss": loss, "eval_accuracy": totals["correct"] / totals["count"]}
+    if run.cfg.task == "lm":
+        result["eval_bits_per_byte"] = loss / np.log(2)
+    return result
+
+
+def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
+    """Train `cfg.steps` steps; returns the per-step records also written to metrics.jsonl."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    run = setup(cfg, devices)
+    n_devices = run.mesh.size
+    peak = cfg.peak_flops or peak_flops()
+    fpt = flops_per_token(cfg)
+    tokens_per_step = cfg.batch_size * run.task.tokens_per_example
+    params = sum(x.size for x in jax.tree.leaves(run.state.params))
+    mesh_desc = " x ".join(f"{a}={s}" for a, s in run.mesh.shape.items() if s > 1) or "1 device"
+    tqdm.write(
+        f"shardtrain: {cfg.task} | {params / 1e6:.2f}M params | mesh {mesh_desc} | "
+        f"{cfg.precision} | compiled in {run.compile_s:.1f}s"
+    )
+
+    writer = MetricsWriter(run_dir, cfg.log.tensorboard)
+    records = []
+    bar = tqdm(total=cfg.steps, disable=not cfg.log.progress, unit="step", dynamic_ncols=True)
+    last = time.perf_counter()
+    for step in range(cfg.steps):
+        batch = run.put_batch(run.task.train_batch(step))
+        run.state, metrics = run.train_step(run.state, batch)
+        # Waiting on every step keeps the timing honest (and the CPU collectives from piling up).
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        step_time, last = now - last, now
+        record = {
+            "step": step + 1,
+            **metrics,
+            "step_time_s": step_time,
+            "tokens_per_sec": tokens_per_step / step_time,
+            "mfu": mfu(fpt, tokens_per_step / step_time, n_devices, peak),
+        }
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            record.update(evaluate(run))
+            last = time.perf_counter()  # evaluation time is not the next step's
+        if done % cfg.log.every == 0 or "eval_loss" in record:
+            writer.write(record)
+        records.append(record)
+        bar.update()
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if done % cfg.log.summary_every == 0 or done == cfg.steps:
+            tqdm.write(_summary(record))
+    bar.close()
+    writer.close()
+    return records
+
+
+def _summary(r: dict) -> str:
+    line = (
+        f"step {r['step']:>6} | loss {r['loss']:.4f} | grad_norm {r['grad_norm']:.3f} | "
+        f"lr {r['lr']:.2e} | {r['step_time_s'] * 1e3:.0f} ms/step | "
+        f"{r['tokens_per_sec']:,.0f} tok/s"
+    )
+    if r["mfu"] is not None:
+        line += f" | MFU {100 * r['mfu']:.1f}%"
+    if "eval_loss" in r:
+        line += f" | eval_loss {r['eval_loss']:.4f} | eval_acc {r['eval_accuracy']:.3f}"
+    if "eval_bits_per_byte" in r:
+        line += f" | {r['eval_bits_per_byte']:.3f} bpb"
+    return line

@@ -1,0 +1,219 @@
+"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Layers are stacked on a leading `layers` axis and run with `lax.scan`, so compile time does not
+grow with depth. Dimensions are named logically ("embed", "heads", ...); the mesh is chosen
+elsewhere by a rule table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sharding import constrain
+
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    d_ff: int = 384
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    remat: RematPolicy = "none"
+    # "xla": attention written as einsums; "cudnn": jax.nn.dot_product_attention's fused
+    # cuDNN kernel (GPU, bf16/fp16 only).
+    attention: Literal["xla", "cudnn"] = "xla"
+
+    def matmul_params(self) -> int:
+        """Weights that enter a matmul per token (the embedding lookup does not; the head does)."""
+        attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.d_model * self.d_ff
+        return self.n_layers * (attn + mlp) + self.d_model * self.vocab_size
+
+    def num_params(self) -> int:
+        norms = (2 * self.n_layers + 1) * self.d_model
+        embed = 0 if self.tie_embeddings else self.vocab_size * self.d_model
+        return self.matmul_params() + embed + norms
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per matmul weight, plus causal attention (half of T^2)."""
+        attention = 6 * self.n_layers * seq_len * self.n_heads * self.head_dim
+        return 6 * self.matmul_params() + attention
+
+
+LLAMA_PRESETS: dict[str, LlamaConfig] = {
+    # CPU tests: well under a second a step on 8 virtual devices.
+    "tiny": LlamaConfig(d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8, d_ff=128),
+    # The quick-start run: ~0.8M parameters, learns Python bytes in minutes on 2 CPU cores.
+    "default": LlamaConfig(),
+    # Mid-size, for memory/sharding benchmarks (~110M params with a 32k vocabulary).
+    "small": LlamaConfig(
+        vocab_size=32_000,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        head_dim=64,
+        d_ff=2048,
+    ),
+    # Llama 3.2 1B shapes (tied embeddings, 128k vocabulary).
+    "1b": LlamaConfig(
+        vocab_size=128_256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        rope_theta=500_000.0,
+        tie_embeddings=True,
+    ),
+    # Llama 3 8B shapes.
+    "8b": LlamaConfig(
+        vocab_size=128_256,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=14_336,
+        rope_theta=500_000.0,
+    ),
+}
+
+
+def _param(rngs: nnx.Rngs, shape, names, stddev: float) -> nnx.Param:
+    value = stddev * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("embed",))
+        self.eps = eps
+
+    def __call__(self, x):
+        # Statistics in fp32 whatever the compute dtype: bf16 variance loses too many bits.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x, positions, theta: float):
+    """Rotate pairs (i, i + D/2) of `x` [batch, length, heads, D] by position-dependent angles."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[:, :, None, None].astype(jnp.float32) * freq
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention(q, k, v, impl: str):
+    """Causal grouped-query attention; q [B,T,H,D], k/v [B,T,K,D] with H a multiple of K."""
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * d**-0.5
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+class Block(nnx.Module):
+    """One decoder layer: pre-norm attention then pre-norm SwiGLU, both residual."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, h, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+        std, out_std = 0.02, 0.02 / (2 * cfg.n_layers) ** 0.5
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std)
+        self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std)
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps)
+        self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), std)
+        self.w_up = _param(rngs, (d, f), ("embed", "mlp"), std)
+        self.w_down = _param(rngs, (f, d), ("mlp", "embed"), out_std)
+
+    def __call__(self, x, positions):
+        cfg = self.cfg
+        h = self.attn_norm(x)
+        q = jnp.einsum("btd,dhk->bthk", h, self.wq[...])
+        k = jnp.einsum("btd,dhk->bthk", h, self.wk[...])
+        v = jnp.einsum("btd,dhk->bthk", h, self.wv[...])
+        q = constrain(rotary(q, positions, cfg.rope_theta), ("batch", "length", "heads", None))
+        k = constrain(rotary(k, positions, cfg.rope_theta), ("batch", "length", "kv_heads", None))
+        v = constrain(v, ("batch", "length", "kv_heads", None))
+        o = attention(q, k, v, cfg.attention)
+        x = x + jnp.einsum("bthk,hkd->btd", o, self.wo[...])
+        x = constrain(x, ("batch", "length", "embed"))
+
+        h = self.mlp_norm(x)
+        gate = jnp.einsum("btd,df->btf", h, self.w_gate[...])
+        up = jnp.einsum("btd,df->btf", h, self.w_up[...])
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        x = x + jnp.einsum("btf,fd->btd", hidden, self.w_down[...])
+        return constrain(x, ("batch", "length", "embed"))
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 0.02)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return Block(cfg, rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0.02)
+
+    def __call__(self, tokens):
+        """Logits [batch, length, vocab] for integer `tokens` [batch, length]."""
+        cfg = self.cfg
+        embed = self.embed[...]
+        x = constrain(jnp.take(embed, tokens, axis=0), ("batch", "length", "embed"))
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x, params):
+            return nnx.merge(graphdef, params)(x, positions), None
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+        x, _ = jax.lax.scan(layer, x, stacked)
+
+        x = self.final_norm(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embed)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.head[...])
+        return constrain(logits, ("batch", "length", "vocab"))

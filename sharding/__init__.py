@@ -1,0 +1,29 @@
+"""Meshes and logical-axis rules: how named array dimensions land on devices.
+
+Nothing here knows a particular model; models know nothing of meshes.
+"""
+
+from sharding.mesh import MESH_AXES, MeshConfig, ShardingError, make_mesh
+from sharding.rules import (
+    RULE_PRESETS,
+    axis_rules,
+    batch_sharding,
+    check_divisible,
+    constrain,
+    logical_to_spec,
+    tree_shardings,
+)
+
+__all__ = [
+    "MESH_AXES",
+    "RULE_PRESETS",
+    "MeshConfig",
+    "ShardingError",
+    "axis_rules",
+    "batch_sharding",
+    "check_divisible",
+    "constrain",
+    "logical_to_spec",
+    "make_mesh",
+    "tree_shardings",
+]
