@@ -87,10 +87,10 @@ PRESETS: dict[str, Config] = {
         run_dir="runs/tiny",
         eval_every=0,
     ),
-    # Quick start: ~0.8M-param byte-level Llama; validation loss falls from 5.5 to about 1.6
-    # (2.3 bits per byte) in 300 steps, a few minutes on 2 CPU cores.
+    # Quick start: 0.85M-param byte-level Llama; validation loss falls from 5.5 (uniform) to
+    # ~1.74 (2.5 bits per byte) in 300 steps, about 2.5 minutes on 2 CPU cores.
     "default": Config(),
-    # Vision: MLP on 8x8 digits; reaches ~97-98% validation accuracy in 500 steps (seconds).
+    # Vision: MLP on 8x8 digits; ~98.6% validation accuracy after 500 steps (~7 s on CPU).
     "digits": Config(
         task="digits",
         steps=500,

@@ -74,7 +74,9 @@ def make_train_step(
 
     def scaled_loss(params, batch, scale):
         loss_sum, count, correct = loss_fn(params, batch)
-        return loss_sum * scale, (loss_sum, count)
+        # Differentiate a mean (over all positions, a static count) so fp16 gradients stay in
+        # range; the exact mean over counted tokens is restored after accumulation.
+        return loss_sum * scale / batch["mask"].size, (loss_sum, count)
 
     grad_fn = jax.grad(scaled_loss, has_aux=True)
 
@@ -93,8 +95,9 @@ def make_train_step(
             (grads, (loss_sum, count)), _ = jax.lax.scan(accumulate, zeros, micro)
 
         # Mean over all counted tokens of the global batch, whatever the microbatching.
-        grads = jax.tree.map(lambda g: g / (count * scale), grads)
-        grad_norm = optax.global_norm(grads)
+        positions = batch["mask"].size / microbatches
+        grads = jax.tree.map(lambda g: g * (positions / (count * scale)), grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss_scale = state.loss_scale

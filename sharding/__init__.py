@@ -5,6 +5,7 @@ Nothing here knows a particular model; models know nothing of meshes.
 
 from sharding.mesh import MESH_AXES, MeshConfig, ShardingError, make_mesh
 from sharding.rules import (
+    DEFAULT_RULES,
     RULE_PRESETS,
     axis_rules,
     batch_sharding,
@@ -15,6 +16,7 @@ from sharding.rules import (
 )
 
 __all__ = [
+    "DEFAULT_RULES",
     "MESH_AXES",
     "RULE_PRESETS",
     "MeshConfig",

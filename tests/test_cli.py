@@ -1,0 +1,90 @@
+"""The command line as a user runs it: files it writes, and one clear sentence per bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT_KEYS = {"step", "loss", "grad_norm", "lr", "step_time_s", "tokens_per_sec", "mfu"}
+
+
+def cli(*args, devices=8):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run(
+        [sys.executable, "-m", "engine.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        "--config",
+        "tiny",
+        "--mesh.data=2",
+        "--mesh.fsdp=2",
+        "--mesh.tensor=2",
+        "--steps=6",
+        "--seed=0",
+        "--precision=fp32",
+        "--batch_size=16",
+        f"--run_dir={run_dir}",
+        "--checkpoint.every=0",
+        "--eval_every=3",
+    ]
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert CONTRACT_KEYS <= r.keys()
+        assert isinstance(r["loss"], float) and r["mfu"] is None  # no peak FLOP/s for a CPU
+    assert "eval_loss" in records[2] and "eval_bits_per_byte" in records[5]
+    assert records[-1]["loss"] < records[0]["loss"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "pipeline": 1}
+    assert config["steps"] == 6 and config["model"]["d_model"] == 64
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert "step      6 | loss" in result.stderr + result.stdout
+
+    # The resolved config.json reproduces the run exactly.
+    again = tmp_path / "again"
+    result = cli("--config", str(run_dir / "config.json"), f"--run_dir={again}")
+    assert result.returncode == 0, result.stderr
+    rerun = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rerun] == [r["loss"] for r in records]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mesh.data=3"], "needs 3 devices but 8 are available"),
+        (["--mesh.data=0"], "--mesh.data=0 is not a valid mesh size"),
+        (["--mesh.data=-2"], "--mesh.data=-2 is not a valid mesh size"),
+        (["--mesh.data=-1", "--mesh.fsdp=-1"], "Only one mesh axis may be -1"),
+        (["--mesh.data=1", "--mesh.tensor=8"], "'kv_heads', size 4) is not divisible by"),
+        (["--mesh.dta=2"], "--mesh.dta"),
+        (["--steps=many"], "many"),
+        (["--precision=fp8"], "fp8"),
+        (["--config", "huge"], "Unknown preset 'huge'"),
+        (["--config", "missing.yaml"], "Config file 'missing.yaml' does not exist"),
+        (["--batch_size=12"], "--batch_size=12 (per microbatch 12) is not divisible by"),
+        (["--optim.microbatches=3"], "does not split into --optim.microbatches=3"),
+    ],
+)
+def test_bad_input_is_one_clear_error(args, message, tmp_path):
+    base = ["--config", "tiny", f"--run_dir={tmp_path}", "--steps=1"]
+    if args[0] == "--config":
+        base = base[2:]
+    result = cli(*base, *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

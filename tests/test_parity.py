@@ -1,0 +1,64 @@
+"""Parallelism is correct when every mesh gives the losses of one device (fp32)."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from engine.optim import OptimConfig
+from engine.trainer import train
+
+STEPS = 5
+MESHES = [
+    dict(data=8),
+    dict(fsdp=8),
+    dict(data=2, tensor=4),
+    dict(data=2, fsdp=2, tensor=2),
+    dict(fsdp=4, tensor=2),
+]
+
+
+def losses(records, key="loss"):
+    return np.array([r[key] for r in records])
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("one"), steps=STEPS)
+    return losses(train(cfg, devices=jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()))
+def test_mesh_matches_one_device(mesh, tiny, single_device_losses):
+    got = losses(train(tiny(mesh=mesh, steps=STEPS)))
+    # Losses must move, or equality would prove nothing.
+    assert single_device_losses[-1] < single_device_losses[0] - 0.1
+    np.testing.assert_allclose(got, single_device_losses, rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_full_batch(tiny):
+    mesh = dict(data=2, fsdp=2, tensor=2)
+    full = train(tiny(mesh=mesh, steps=STEPS))
+    accumulated = train(
+        tiny(mesh=mesh, steps=STEPS, optim=OptimConfig(lr=3e-3, warmup_steps=50, microbatches=4))
+    )
+    np.testing.assert_allclose(losses(accumulated), losses(full), rtol=1e-5)
+    np.testing.assert_allclose(
+        losses(accumulated, "grad_norm"), losses(full, "grad_norm"), rtol=1e-4
+    )
+
+
+def test_bf16_tracks_fp32(tiny):
+    fp32 = losses(train(tiny(mesh=dict(data=8), steps=50, precision="fp32")))
+    bf16 = losses(train(tiny(mesh=dict(data=8), steps=50, precision="bf16")))
+    assert fp32[-10:].mean() < fp32[0] - 1.0  # it learned
+    # Not equal (different arithmetic), but within a few percent along the whole curve.
+    np.testing.assert_allclose(bf16, fp32, rtol=0.03)
+    assert not np.array_equal(bf16, fp32)
+
+
+def test_fp16_with_loss_scaling_trains(tiny):
+    fp32 = losses(train(tiny(mesh=dict(data=8), steps=30, precision="fp32")))
+    fp16 = losses(train(tiny(mesh=dict(data=8), steps=30, precision="fp16")))
+    assert np.all(np.isfinite(fp16))
+    np.testing.assert_allclose(fp16[-5:].mean(), fp32[-5:].mean(), rtol=0.03)
