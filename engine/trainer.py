@@ -82,10 +82,12 @@ def _check_batch(cfg: Config, mesh: jax.sharding.Mesh, batch_axes: tuple[str, ..
         )
 
 
-def setup(cfg: Config, devices: list[jax.Device] | None = None) -> Run:
+def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = True) -> Run:
     """Mesh, sharded initial state and the once-compiled train and eval steps.
 
-    `devices` defaults to all; the mesh must use exactly these.
+    `devices` defaults to all; the mesh must use exactly these. With `init=False` the state stays
+    abstract (shapes and shardings only): enough to compile and read `memory_analysis()` for
+    models that would not fit here.
     """
     mesh = make_mesh(cfg.mesh, devices)
     rules = RULE_PRESETS[cfg.rules]
@@ -97,15 +99,17 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None) -> Run:
     graphdef, abstract_params = nnx.split(abstract_model)
     check_divisible(abstract_params, mesh, rules)
 
-    def init() -> TrainState:
+    def init_fn() -> TrainState:
         params = nnx.state(build_model(cfg, nnx.Rngs(cfg.seed)))
         loss_scale = LossScale.create() if policy.loss_scaling else None
         return TrainState(jnp.int32(0), params, tx.init(params), loss_scale)
 
-    abstract_state = jax.eval_shape(init)
+    abstract_state = jax.eval_shape(init_fn)
     state_shardings = tree_shardings(abstract_state, mesh, rules)
-    with jax.set_mesh(mesh), axis_rules(rules):
-        state = jax.jit(init, out_shardings=state_shardings)()
+    state = abstract_state
+    if init:
+        with jax.set_mesh(mesh), axis_rules(rules):
+            state = jax.jit(init_fn, out_shardings=state_shardings)()
 
     task = make_task(cfg.task, cfg.batch_size, cfg.data.seq_len, cfg.seed, cfg.data.eval_batches)
     example = task.train_batch(0)

@@ -199,7 +199,9 @@ class Llama(nnx.Module):
         """Logits [batch, length, vocab] for integer `tokens` [batch, length]."""
         cfg = self.cfg
         embed = self.embed[...]
-        x = constrain(jnp.take(embed, tokens, axis=0), ("batch", "length", "embed"))
+        # Gather whole rows: a lookup into a table split along `embed` reshards badly.
+        table = constrain(embed, ("vocab", None))
+        x = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
         graphdef, stacked = nnx.split(self.layers)

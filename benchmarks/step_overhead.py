@@ -1,0 +1,152 @@
+"""Engine train step vs a minimal hand-written `jax.jit` step: same model, optimizer and mesh.
+
+    python benchmarks/step_overhead.py --config tiny                 # CPU, seconds
+    python benchmarks/step_overhead.py --config 1b --rounds 5        # GPU: bf16, real size
+    python benchmarks/step_overhead.py --config tiny --memory small  # + memory for fsdp=1..8
+
+Prints the median step time of each, timed in alternating rounds in one process, and
+`ratio: X.XX` (engine / hand-written; goal <= 1.02). Any `engine.train` flag applies to both.
+With `--memory PRESET`, compiles that Llama preset ahead of time on fsdp=1,2,4,8 (x data to fill
+8 devices; virtual CPU devices if no accelerator) and prints `memory_analysis()` per device.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "--memory" in sys.argv and "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from engine.config import parse_args  # noqa: E402
+from engine.optim import make_optimizer  # noqa: E402
+from engine.precision import POLICIES  # noqa: E402
+from engine.trainer import setup  # noqa: E402
+from models import LLAMA_PRESETS  # noqa: E402
+from sharding import RULE_PRESETS, MeshConfig, axis_rules  # noqa: E402
+
+
+def handwritten_step(graphdef, tx, compute_dtype):
+    """What a user would write by hand: cast, forward, cross-entropy, grad, AdamW."""
+
+    def step(params, opt_state, batch):
+        def loss_fn(params):
+            p = jax.tree.map(lambda x: x.astype(compute_dtype), params)
+            logits = nnx.merge(graphdef, p)(batch["inputs"]).astype("float32")
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def bench(cfg, rounds: int, steps_per_round: int) -> None:
+    run = setup(cfg)
+    tx, _ = make_optimizer(cfg.optim, cfg.steps)
+    compute = POLICIES[cfg.precision].compute_dtype
+    shardings = run.state_shardings
+    with jax.set_mesh(run.mesh), axis_rules(RULE_PRESETS[cfg.rules]):
+        hand = jax.jit(
+            handwritten_step(run.graphdef, tx, compute),
+            in_shardings=(shardings.params, shardings.opt_state, run.batch_shardings),
+            out_shardings=(shardings.params, shardings.opt_state, None),
+            donate_argnums=(0, 1),
+        )
+        batch = run.put_batch(run.task.train_batch(0))
+        hand = hand.lower(run.state.params, run.state.opt_state, batch).compile()
+    params = jax.tree.map(lambda x: x.copy(), run.state.params)
+    opt_state = jax.tree.map(lambda x: x.copy(), run.state.opt_state)
+    state = run.state
+
+    def engine_round():
+        nonlocal state
+        start = time.perf_counter()
+        for _ in range(steps_per_round):
+            state, metrics = run.train_step(state, batch)
+            jax.block_until_ready(metrics)
+        return (time.perf_counter() - start) / steps_per_round
+
+    def hand_round():
+        nonlocal params, opt_state
+        start = time.perf_counter()
+        for _ in range(steps_per_round):
+            params, opt_state, loss = hand(params, opt_state, batch)
+            jax.block_until_ready(loss)
+        return (time.perf_counter() - start) / steps_per_round
+
+    engine_round(), hand_round()  # warm-up
+    engine_times, hand_times = [], []
+    for _ in range(rounds):  # alternate, so drift in clocks or load hits both alike
+        engine_times.append(engine_round())
+        hand_times.append(hand_round())
+    e, h = statistics.median(engine_times), statistics.median(hand_times)
+    mesh = " x ".join(f"{a}={s}" for a, s in run.mesh.shape.items() if s > 1) or "1 device"
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} | jax {jax.__version__}")
+    print(
+        f"config: {cfg.task} d_model={cfg.model.d_model} layers={cfg.model.n_layers} "
+        f"batch={cfg.batch_size}x{cfg.data.seq_len} {cfg.precision} mesh {mesh}"
+    )
+    print(f"engine step:       {e * 1e3:9.3f} ms (median of {rounds} x {steps_per_round})")
+    print(f"hand-written step: {h * 1e3:9.3f} ms")
+    print(f"ratio: {e / h:.2f}")
+
+
+def memory_report(preset: str, cfg) -> None:
+    model = LLAMA_PRESETS[preset]
+    n = jax.device_count()
+    print(
+        f"\nper-device memory, Llama '{preset}' ({model.num_params() / 1e6:.0f}M params), "
+        f"{cfg.precision}, batch {cfg.batch_size}x{cfg.data.seq_len}, {n} devices"
+    )
+    print(f"{'mesh':>18} | {'state/dev GB':>12} | {'args GB':>8} | {'temp GB':>8} | vs fsdp=1")
+    base = None
+    for fsdp in (1, 2, 4, 8):
+        if n % fsdp:
+            continue
+        c = dataclasses.replace(cfg, model=model, mesh=MeshConfig(data=n // fsdp, fsdp=fsdp))
+        run = setup(c, init=False)
+        mem = run.train_step.memory_analysis()
+        state_bytes = bytes_per_device(run.state, run.state_shardings)
+        base = base or state_bytes
+        print(
+            f"{f'data={n // fsdp} fsdp={fsdp}':>18} | {state_bytes / 1e9:12.3f} | "
+            f"{mem.argument_size_in_bytes / 1e9:8.3f} | {mem.temp_size_in_bytes / 1e9:8.3f} | "
+            f"1/{base / state_bytes:.2f}"
+        )
+
+
+def bytes_per_device(tree, shardings) -> int:
+    """Bytes one device holds of `tree`, from each leaf's shard shape."""
+    return sum(
+        math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--memory", default=None, help="Llama preset for the memory table")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps_per_round", type=int, default=20)
+    args, rest = parser.parse_known_args()
+    cfg = parse_args(rest)
+    cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
+    bench(cfg, args.rounds, args.steps_per_round)
+    if args.memory:
+        memory_report(args.memory, cfg)
+
+
+if __name__ == "__main__":
+    main()
