@@ -6,8 +6,8 @@
 
 Prints the median step time of each, timed in alternating rounds in one process, and
 `ratio: X.XX` (engine / hand-written; goal <= 1.02). Any `engine.train` flag applies to both.
-With `--memory PRESET`, compiles that Llama preset ahead of time on fsdp=1,2,4,8 (x data to fill
-8 devices; virtual CPU devices if no accelerator) and prints `memory_analysis()` per device.
+With `--memory PRESET`, compiles that preset's train step ahead of time on fsdp=1,2,4,8 (x data
+to fill 8 devices; virtual CPU devices if no accelerator) and prints `memory_analysis()`.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from engine.config import parse_args  # noqa: E402
+from engine.config import PRESETS, parse_args  # noqa: E402
 from engine.optim import make_optimizer  # noqa: E402
 from engine.precision import POLICIES  # noqa: E402
 from engine.trainer import setup  # noqa: E402
-from models import LLAMA_PRESETS  # noqa: E402
 from sharding import RULE_PRESETS, MeshConfig, axis_rules  # noqa: E402
 
 
@@ -103,25 +102,27 @@ def bench(cfg, rounds: int, steps_per_round: int) -> None:
     print(f"ratio: {e / h:.2f}")
 
 
-def memory_report(preset: str, cfg) -> None:
-    model = LLAMA_PRESETS[preset]
+def memory_report(preset: str) -> None:
+    """Compile the `preset` run ahead of time on fsdp = 1, 2, 4, 8 and print per-device memory."""
+    cfg = PRESETS[preset]
     n = jax.device_count()
     print(
-        f"\nper-device memory, Llama '{preset}' ({model.num_params() / 1e6:.0f}M params), "
-        f"{cfg.precision}, batch {cfg.batch_size}x{cfg.data.seq_len}, {n} devices"
+        f"\nper-device memory, preset '{preset}' ({cfg.model.num_params() / 1e6:.0f}M params), "
+        f"{cfg.precision}, remat={cfg.model.remat}, batch {cfg.batch_size}x{cfg.data.seq_len}, "
+        f"{n} x {jax.devices()[0].device_kind}"
     )
-    print(f"{'mesh':>18} | {'state/dev GB':>12} | {'args GB':>8} | {'temp GB':>8} | vs fsdp=1")
+    print(f"{'mesh':>16} | {'state GB':>8} | {'args GB':>8} | {'temp GB':>8} | state vs fsdp=1")
     base = None
     for fsdp in (1, 2, 4, 8):
         if n % fsdp:
             continue
-        c = dataclasses.replace(cfg, model=model, mesh=MeshConfig(data=n // fsdp, fsdp=fsdp))
+        c = dataclasses.replace(cfg, mesh=MeshConfig(data=n // fsdp, fsdp=fsdp))
         run = setup(c, init=False)
         mem = run.train_step.memory_analysis()
         state_bytes = bytes_per_device(run.state, run.state_shardings)
         base = base or state_bytes
         print(
-            f"{f'data={n // fsdp} fsdp={fsdp}':>18} | {state_bytes / 1e9:12.3f} | "
+            f"{f'data={n // fsdp} fsdp={fsdp}':>16} | {state_bytes / 1e9:8.3f} | "
             f"{mem.argument_size_in_bytes / 1e9:8.3f} | {mem.temp_size_in_bytes / 1e9:8.3f} | "
             f"1/{base / state_bytes:.2f}"
         )
@@ -137,7 +138,7 @@ def bytes_per_device(tree, shardings) -> int:
 
 def main():
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--memory", default=None, help="Llama preset for the memory table")
+    parser.add_argument("--memory", default=None, help="preset for the memory table")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps_per_round", type=int, default=20)
     args, rest = parser.parse_known_args()
@@ -145,7 +146,7 @@ def main():
     cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
     bench(cfg, args.rounds, args.steps_per_round)
     if args.memory:
-        memory_report(args.memory, cfg)
+        memory_report(args.memory)
 
 
 if __name__ == "__main__":

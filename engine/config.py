@@ -99,6 +99,17 @@ PRESETS: dict[str, Config] = {
         eval_every=100,
         optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=1e-4),
     ),
+    # ~125M params, 32k vocabulary, bf16 at 1k context: one GPU, or the memory benchmark.
+    "small": Config(
+        model=LLAMA_PRESETS["small"],
+        precision="bf16",
+        batch_size=32,
+        steps=1000,
+        run_dir="runs/small",
+        data=DataConfig(seq_len=1024, eval_batches=4),
+        eval_every=0,
+        optim=OptimConfig(lr=6e-4, warmup_steps=100),
+    ),
     # Llama 3.2 1B shapes in bf16 at 2k context: a GPU/TPU run, not for CPU.
     "1b": Config(
         model=dataclasses.replace(LLAMA_PRESETS["1b"], remat="dots_no_batch"),
@@ -108,6 +119,18 @@ PRESETS: dict[str, Config] = {
         run_dir="runs/1b",
         data=DataConfig(seq_len=2048, eval_batches=2),
         eval_every=0,
+        optim=OptimConfig(lr=3e-4, warmup_steps=20),
+    ),
+    # Llama 3 8B shapes in bf16 at 4k context, fully rematerialized: needs FSDP over many devices.
+    "8b": Config(
+        model=dataclasses.replace(LLAMA_PRESETS["8b"], remat="full"),
+        precision="bf16",
+        batch_size=8,
+        steps=200,
+        run_dir="runs/8b",
+        data=DataConfig(seq_len=4096, eval_batches=2),
+        eval_every=0,
+        mesh=MeshConfig(data=1, fsdp=-1),
         optim=OptimConfig(lr=3e-4, warmup_steps=20),
     ),
 }

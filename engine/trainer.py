@@ -90,6 +90,11 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
     models that would not fit here.
     """
     mesh = make_mesh(cfg.mesh, devices)
+    if mesh.shape["pipeline"] > 1:
+        raise ConfigError(
+            f"--mesh.pipeline={mesh.shape['pipeline']}: pipeline parallelism is not available "
+            "yet; set --mesh.pipeline=1 and use --mesh.fsdp or --mesh.tensor to split the model."
+        )
     rules = RULE_PRESETS[cfg.rules]
     policy = POLICIES[cfg.precision]
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
