@@ -73,31 +73,32 @@ def make_train_step(
 ):
     loss_fn = make_loss_fn(graphdef, policy)
 
-    def scaled_loss(params, batch, scale):
+    def scaled_loss(params, batch, scale, total_count):
         loss_sum, count, correct = loss_fn(params, batch)
-        # Differentiate a mean (over all positions, a static count) so fp16 gradients stay in
-        # range; the exact mean over counted tokens is restored after accumulation.
-        return loss_sum * scale / batch["mask"].size, (loss_sum, count)
+        # The mean over the whole global batch's counted tokens, times the fp16 loss scale:
+        # gradients come out already averaged, whatever the microbatching.
+        return loss_sum * (scale / total_count), loss_sum
 
     grad_fn = jax.grad(scaled_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
         scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1)
+        count = jnp.sum(batch["mask"])
         if microbatches == 1:
-            grads, (loss_sum, count) = grad_fn(state.params, batch, scale)
+            grads, loss_sum = grad_fn(state.params, batch, scale, count)
         else:
-            # Accumulate summed gradients over microbatches; one optimizer update at the end.
+            # Accumulate gradients over microbatches; one optimizer update at the end.
             def accumulate(carry, micro):
-                g, aux = grad_fn(state.params, micro, scale)
-                return jax.tree.map(jnp.add, carry, (g, aux)), None
+                return jax.tree.map(
+                    jnp.add, carry, grad_fn(state.params, micro, scale, count)
+                ), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.float32(0), jnp.float32(0)))
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0))
             micro = split_microbatches(batch, microbatches, batch_sharding)
-            (grads, (loss_sum, count)), _ = jax.lax.scan(accumulate, zeros, micro)
+            (grads, loss_sum), _ = jax.lax.scan(accumulate, zeros, micro)
 
-        # Mean over all counted tokens of the global batch, whatever the microbatching.
-        positions = batch["mask"].size / microbatches
-        grads = jax.tree.map(lambda g: g * (positions / (count * scale)), grads)
+        if state.loss_scale is not None:
+            grads = jax.tree.map(lambda g: g / scale, grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,20 @@ def cli(*args, devices=8):
         text=True,
         timeout=300,
     )
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> list[float]:
+    """Values of `tag` in the run's TensorBoard event file (TFRecord framing, Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    (path,) = run_dir.glob("events.out.tfevents.*")
+    data, values, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+        offset += 12 + length + 4  # length, its crc, the record, its crc
+        values += [v.simple_value for v in event.summary.value if v.tag == tag]
+    return values
 
 
 def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
@@ -52,7 +67,8 @@ def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "pipeline": 1}
     assert config["steps"] == 6 and config["model"]["d_model"] == 64
-    assert list(run_dir.glob("events.out.tfevents.*"))
+    tb_losses = tensorboard_scalars(run_dir, "loss")
+    assert tb_losses == pytest.approx([r["loss"] for r in records], rel=1e-6)
     assert "step      6 | loss" in result.stderr + result.stdout
 
     # The resolved config.json reproduces the run exactly.
