@@ -32,9 +32,8 @@ class TrainState:
 def cross_entropy(logits, targets, mask):
     """Summed token loss, number of counted tokens and number of correct argmax predictions."""
     logits = logits.astype(jnp.float32)
-    # One-hot contraction rather than a gather, so a vocab-sharded logit stays sharded.
-    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    target_logit = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+    # XLA partitions this gather over a vocab-sharded axis without gathering the logits.
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(correct * mask)
