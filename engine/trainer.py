@@ -194,7 +194,8 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
 
     writer = MetricsWriter(run_dir, cfg.log.tensorboard)
     records = []
-    bar = tqdm(total=cfg.steps, disable=not cfg.log.progress, unit="step", dynamic_ncols=True)
+    # disable=None: a bar on terminals only, so redirected logs keep just the summary lines.
+    bar = tqdm(total=cfg.steps, disable=None if cfg.log.progress else True, unit="step")
     last = time.perf_counter()
     for step in range(cfg.steps):
         batch = run.put_batch(run.task.train_batch(step))
