@@ -26,55 +26,59 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # Tokens per training sequence (language modelling).
     seq_len: int = 128
-    # Batches of `batch_size` held-out examples per evaluation.
+    """Tokens per training sequence (language modelling)."""
     eval_batches: int = 8
+    """Held-out batches of `batch_size` per evaluation (lm; digits always uses all of val)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    # Save every N steps; 0 = off.
     every: int = 0
+    """Save every N steps; 0 = off (checkpointing itself is not implemented yet)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
-    # Write metrics.jsonl (and TensorBoard) every N steps.
     every: int = 1
-    # Print a one-line summary every N steps.
+    """Write a metrics.jsonl line (and TensorBoard scalars) every N steps."""
     summary_every: int = 50
+    """Print a one-line summary every N steps."""
     progress: bool = True
+    """Show a progress bar (on terminals only)."""
     tensorboard: bool = True
+    """Write TensorBoard event files into run_dir."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Train a model with shardtrain. Presets: see --config."""
+    """Train a model with shardtrain."""
 
-    # What to train: "lm" = byte-level Llama on the Python stdlib sources; "digits" = MLP on
-    # scikit-learn's handwritten digits.
     task: Literal["lm", "digits"] = "lm"
+    """lm: byte-level Llama on the Python stdlib sources; digits: MLP on 8x8 handwritten digits."""
     model: LlamaConfig = LlamaConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     mesh: MeshConfig = MeshConfig()
-    # Rule table mapping logical axis names to mesh axes (sharding.RULE_PRESETS).
     rules: Literal["default", "no_zero3"] = "default"
+    """Rule table mapping logical axis names to mesh axes (sharding.RULE_PRESETS)."""
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     steps: int = 300
+    """Optimizer steps to train."""
     seed: int = 0
-    # Where metrics.jsonl, config.json, TensorBoard events and checkpoints go.
+    """Seed of the initialization and of the data order."""
     run_dir: str = "runs/default"
+    """Where metrics.jsonl, config.json and TensorBoard events go."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    # Global batch, in sequences (or images), across all devices.
+    """fp32; bf16 (fp32 params/optimizer, bf16 compute); fp16 (+ dynamic loss scaling)."""
     batch_size: int = 32
-    # Evaluate every N steps and at the end; 0 = only at the end.
+    """Global batch in sequences (or images), across all devices."""
     eval_every: int = 50
-    # Peak FLOP/s per device for MFU; None = look the device up (null on CPU).
+    """Evaluate every N steps and at the end; 0 = only at the end."""
     peak_flops: float | None = None
+    """Peak FLOP/s per device for MFU; None = the device's datasheet bf16 peak (null on CPU)."""
 
 
 PRESETS: dict[str, Config] = {
@@ -195,6 +199,31 @@ def parse_args(argv: list[str] | None = None) -> Config:
         use_underscores=True,
         config=(tyro.conf.FlagConversionOff,),
     )
+
+
+def validate(cfg: Config) -> None:
+    """Reject values no run can use, naming the flag; shape checks against the mesh come later."""
+    positive = {
+        "--steps": cfg.steps,
+        "--batch_size": cfg.batch_size,
+        "--data.seq_len": cfg.data.seq_len,
+        "--log.every": cfg.log.every,
+        "--log.summary_every": cfg.log.summary_every,
+        "--optim.microbatches": cfg.optim.microbatches,
+        "--data.eval_batches": cfg.data.eval_batches,
+    }
+    non_negative = {
+        "--eval_every": cfg.eval_every,
+        "--checkpoint.every": cfg.checkpoint.every,
+        "--optim.lr": cfg.optim.lr,
+        "--optim.clip_norm": cfg.optim.clip_norm,
+    }
+    for flag, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{flag}={value} must be positive.")
+    for flag, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{flag}={value} must not be negative.")
 
 
 def to_dict(cfg: Config) -> dict:

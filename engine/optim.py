@@ -11,17 +11,18 @@ import optax
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     lr: float = 3e-3
+    """Peak learning rate, reached after the linear warmup."""
     warmup_steps: int = 50
-    # The schedule decays to lr * min_lr_ratio at the last step.
     min_lr_ratio: float = 0.1
+    """The schedule decays to lr * min_lr_ratio at the last step."""
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    # Clip the global gradient norm to this value; 0 disables clipping.
     clip_norm: float = 1.0
-    # Gradient accumulation: the global batch is split into this many sequential microbatches.
+    """Clip the global gradient norm to this value; 0 disables clipping."""
     microbatches: int = 1
+    """Gradient accumulation: split the global batch into this many sequential microbatches."""
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int):

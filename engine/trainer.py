@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from engine.config import Config, ConfigError, to_dict
+from engine.config import Config, ConfigError, to_dict, validate
 from engine.data import make_task
 from engine.metrics import MetricsWriter, mfu, peak_flops
 from engine.optim import make_optimizer
@@ -65,8 +66,11 @@ class Run:
         }
 
 
-def _check_batch(cfg: Config, mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...]) -> None:
-    ways = int(np.prod([mesh.shape[a] for a in batch_axes]))
+def _check_batch(cfg: Config, sharding: jax.sharding.NamedSharding) -> None:
+    """The global batch must split into microbatches, and each of those over the batch axes."""
+    axes = sharding.spec[0] or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    ways = int(np.prod([sharding.mesh.shape[a] for a in axes]))
     micro = cfg.optim.microbatches
     if micro < 1 or cfg.batch_size % micro:
         raise ConfigError(
@@ -74,7 +78,7 @@ def _check_batch(cfg: Config, mesh: jax.sharding.Mesh, batch_axes: tuple[str, ..
             "use a microbatch count that divides the batch size."
         )
     if (cfg.batch_size // micro) % ways:
-        flags = " x ".join(f"--mesh.{a}={mesh.shape[a]}" for a in batch_axes)
+        flags = " x ".join(f"--mesh.{a}={sharding.mesh.shape[a]}" for a in axes)
         raise ConfigError(
             f"--batch_size={cfg.batch_size} (per microbatch {cfg.batch_size // micro}) is not "
             f"divisible by the data-parallel size {ways} ({flags}); use a batch size that is a "
@@ -109,6 +113,15 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
         loss_scale = LossScale.create() if policy.loss_scaling else None
         return TrainState(jnp.int32(0), params, tx.init(params), loss_scale)
 
+    task = make_task(cfg.task, cfg.batch_size, cfg.data.seq_len, cfg.seed, cfg.data.eval_batches)
+    example = task.train_batch(0)
+    batch_shardings = {k: batch_sharding(mesh, rules, v.ndim) for k, v in example.items()}
+    _check_batch(cfg, batch_shardings["inputs"])
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
+        for k, v in example.items()
+    }
+
     abstract_state = jax.eval_shape(init_fn)
     state_shardings = tree_shardings(abstract_state, mesh, rules)
     state = abstract_state
@@ -116,19 +129,11 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
         with jax.set_mesh(mesh), axis_rules(rules):
             state = jax.jit(init_fn, out_shardings=state_shardings)()
 
-    task = make_task(cfg.task, cfg.batch_size, cfg.data.seq_len, cfg.seed, cfg.data.eval_batches)
-    example = task.train_batch(0)
-    batch_shardings = {k: batch_sharding(mesh, rules, v.ndim) for k, v in example.items()}
-    _check_batch(cfg, mesh, tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1))
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
-        for k, v in example.items()
-    }
-
     train_fn = make_train_step(
         graphdef, tx, schedule, policy, cfg.optim.microbatches, batch_shardings["inputs"]
     )
     eval_fn = make_eval_step(graphdef, policy)
+    replicated = NamedSharding(mesh, P())  # scalar metrics, readable on every host
     start = time.perf_counter()
     with jax.set_mesh(mesh), axis_rules(rules):
         # Lowered and compiled ahead of time: exactly one compilation per step function.
@@ -136,30 +141,27 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
             jax.jit(
                 train_fn,
                 in_shardings=(state_shardings, batch_shardings),
-                out_shardings=(state_shardings, None),
+                out_shardings=(state_shardings, replicated),
                 donate_argnums=0,
             )
             .lower(abstract_state, abstract_batch)
             .compile()
         )
         eval_step = (
-            jax.jit(eval_fn, in_shardings=(state_shardings.params, batch_shardings))
+            jax.jit(
+                eval_fn,
+                in_shardings=(state_shardings.params, batch_shardings),
+                out_shardings=replicated,
+            )
             .lower(abstract_state.params, abstract_batch)
             .compile()
         )
     compile_s = time.perf_counter() - start
     return Run(
-        cfg,
-        mesh,
-        graphdef,
-        state,
-        state_shardings,
-        batch_shardings,
-        train_step,
-        eval_step,
-        task,
-        compile_s,
-    )
+        cfg=cfg, mesh=mesh, graphdef=graphdef, state=state, state_shardings=state_shardings,
+        batch_shardings=batch_shardings, train_step=train_step, eval_step=eval_step, task=task,
+        compile_s=compile_s,
+    )  # fmt: skip
 
 
 def evaluate(run: Run) -> dict[str, float]:
@@ -176,11 +178,11 @@ def evaluate(run: Run) -> dict[str, float]:
 
 def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
     """Train `cfg.steps` steps; returns the per-step records also written to metrics.jsonl."""
+    validate(cfg)
+    run = setup(cfg, devices)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-
-    run = setup(cfg, devices)
     n_devices = run.mesh.size
     peak = cfg.peak_flops or peak_flops()
     fpt = flops_per_token(cfg)

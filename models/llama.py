@@ -38,9 +38,11 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     remat: RematPolicy = "none"
-    # "xla": attention written as einsums; "cudnn": jax.nn.dot_product_attention's fused
-    # cuDNN kernel (GPU, bf16/fp16 only).
+    """Activations recomputed in the backward pass: none, full, dots (keep matmul outputs),
+    dots_no_batch (keep only weight-like matmul outputs)."""
     attention: Literal["xla", "cudnn"] = "xla"
+    """xla: attention as einsums; cudnn: jax.nn.dot_product_attention's fused kernel (GPU,
+    bf16/fp16 only)."""
 
     def matmul_params(self) -> int:
         """Weights that enter a matmul per token (the embedding lookup does not; the head does)."""

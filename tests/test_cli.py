@@ -94,6 +94,7 @@ def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
         (["--config", "missing.yaml"], "Config file 'missing.yaml' does not exist"),
         (["--batch_size=12"], "--batch_size=12 (per microbatch 12) is not divisible by"),
         (["--optim.microbatches=3"], "does not split into --optim.microbatches=3"),
+        (["--steps=0"], "--steps=0 must be positive"),
         (["--mesh.data=4", "--mesh.pipeline=2"], "--mesh.pipeline=2: pipeline parallelism"),
     ],
 )
