@@ -35,8 +35,10 @@ from engine.trainer import setup  # noqa: E402
 from sharding import RULE_PRESETS, MeshConfig, axis_rules  # noqa: E402
 
 
-def handwritten_step(graphdef, tx, compute_dtype):
-    """What a user would write by hand: cast, forward, cross-entropy, grad, AdamW."""
+def handwritten_step(graphdef, tx, compute_dtype, clip_norm):
+    """What a user would write by hand: cast, forward, cross-entropy, grad, clip, AdamW."""
+
+    clip = optax.clip_by_global_norm(clip_norm)
 
     def step(params, opt_state, batch):
         def loss_fn(params):
@@ -45,6 +47,7 @@ def handwritten_step(graphdef, tx, compute_dtype):
             return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
+        grads, _ = clip.update(grads, clip.init(grads))
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -58,7 +61,7 @@ def bench(cfg, rounds: int, steps_per_round: int) -> None:
     shardings = run.state_shardings
     with jax.set_mesh(run.mesh), axis_rules(RULE_PRESETS[cfg.rules]):
         hand = jax.jit(
-            handwritten_step(run.graphdef, tx, compute),
+            handwritten_step(run.graphdef, tx, compute, cfg.optim.clip_norm),
             in_shardings=(shardings.params, shardings.opt_state, run.batch_shardings),
             out_shardings=(shardings.params, shardings.opt_state, None),
             donate_argnums=(0, 1),

@@ -1,4 +1,4 @@
-"""AdamW with linear warmup, cosine decay and global-norm clipping (optax)."""
+"""AdamW with linear warmup and cosine decay (optax); global-norm clipping lives in the step."""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ class OptimConfig:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int):
-    """The optax transformation and its learning-rate schedule (for logging)."""
+    """AdamW and its learning-rate schedule (for logging).
+
+    Clipping (`cfg.clip_norm`) is applied by the train step, which already holds the norm.
+    """
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -45,5 +48,4 @@ def make_optimizer(cfg: OptimConfig, total_steps: int):
         weight_decay=cfg.weight_decay,
         mask=decay_mask,
     )
-    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
-    return optax.chain(clip, adamw), schedule
+    return adamw, schedule

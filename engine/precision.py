@@ -64,7 +64,3 @@ class LossScale:
         )
         good = jnp.where(grads_finite & ~grown, self.good_steps + 1, 0)
         return self.replace(scale=scale, good_steps=good)
-
-
-def all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

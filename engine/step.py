@@ -1,8 +1,8 @@
 """The pure train and eval steps, and the train state they carry.
 
 `train_step(state, batch) -> (state, metrics)` is one pure function of pytrees: the model's
-graph definition is closed over, its parameters travel in `state`. `compile_steps` jits both steps
-once with explicit in/out shardings and donated state.
+graph definition is closed over, its parameters travel in `state`. `engine.trainer.setup` jits
+both steps once, with explicit in/out shardings and donated state.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from engine.precision import LossScale, Policy, all_finite
+from engine.precision import LossScale, Policy
 
 Batch = dict[str, jax.Array]
 
@@ -55,7 +55,7 @@ def split_microbatches(batch: Batch, n: int, sharding: NamedSharding | None) -> 
     def split(x):
         x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
         if sharding is not None:
-            spec = P(None, *sharding.spec)
+            spec = P(None, sharding.spec[0])  # rows split as before; the rest as it was
             x = jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
         return x
 
@@ -67,44 +67,51 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: Callable,
     policy: Policy,
+    clip_norm: float = 0.0,
     microbatches: int = 1,
     batch_sharding: NamedSharding | None = None,
 ):
+    """`tx` is the update rule (AdamW); the step itself clips to `clip_norm` (0 = off)."""
     loss_fn = make_loss_fn(graphdef, policy)
 
-    def scaled_loss(params, batch, scale, total_count):
+    def scaled_loss(params, batch, scale):
         loss_sum, count, correct = loss_fn(params, batch)
-        # The mean over the whole global batch's counted tokens, times the fp16 loss scale:
-        # gradients come out already averaged, whatever the microbatching.
-        return loss_sum * (scale / total_count), loss_sum
+        # Divide by the (static) number of positions, not the counted tokens: a count would
+        # need an all-reduce before the backward pass could start. The exact mean is restored
+        # by one scalar below, folded into the clipping multiply.
+        return loss_sum * scale / batch["mask"].size, loss_sum
 
     grad_fn = jax.grad(scaled_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
         scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1)
-        count = jnp.sum(batch["mask"])
         if microbatches == 1:
-            grads, loss_sum = grad_fn(state.params, batch, scale, count)
+            grads, loss_sum = grad_fn(state.params, batch, scale)
         else:
             # Accumulate gradients over microbatches; one optimizer update at the end.
             def accumulate(carry, micro):
-                return jax.tree.map(
-                    jnp.add, carry, grad_fn(state.params, micro, scale, count)
-                ), None
+                return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro, scale)), None
 
             zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0))
             micro = split_microbatches(batch, microbatches, batch_sharding)
             (grads, loss_sum), _ = jax.lax.scan(accumulate, zeros, micro)
 
-        if state.loss_scale is not None:
-            grads = jax.tree.map(lambda g: g / scale, grads)
-        grad_norm = optax.tree.norm(grads)
+        # One multiply turns the summed, scaled gradients into the clipped mean over counted
+        # tokens of the global batch.
+        count = jnp.sum(batch["mask"])
+        to_mean = batch["mask"].size / (microbatches * count * scale)
+        grad_norm = optax.tree.norm(grads) * to_mean
+        factor = to_mean
+        if clip_norm > 0:
+            factor = to_mean * jnp.minimum(1.0, clip_norm / grad_norm)
+        grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss_scale = state.loss_scale
         if loss_scale is not None:
             # An overflowing fp16 step keeps the old params and optimizer state; the scale halves.
-            finite = all_finite(grads)
+            finite = jnp.isfinite(grad_norm)
             keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
             params = jax.tree.map(keep, params, state.params)
             opt_state = jax.tree.map(keep, opt_state, state.opt_state)

@@ -130,8 +130,9 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
             state = jax.jit(init_fn, out_shardings=state_shardings)()
 
     train_fn = make_train_step(
-        graphdef, tx, schedule, policy, cfg.optim.microbatches, batch_shardings["inputs"]
-    )
+        graphdef, tx, schedule, policy, cfg.optim.clip_norm, cfg.optim.microbatches,
+        batch_shardings["inputs"],
+    )  # fmt: skip
     eval_fn = make_eval_step(graphdef, policy)
     replicated = NamedSharding(mesh, P())  # scalar metrics, readable on every host
     start = time.perf_counter()

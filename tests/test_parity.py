@@ -1,12 +1,16 @@
 """Parallelism is correct when every mesh gives the losses of one device (fp32)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
 
+from engine.config import PRESETS
 from engine.optim import OptimConfig
 from engine.trainer import train
+from sharding import MeshConfig
 
 STEPS = 5
 MESHES = [
@@ -46,6 +50,19 @@ def test_gradient_accumulation_equals_full_batch(tiny):
     np.testing.assert_allclose(
         losses(accumulated, "grad_norm"), losses(full, "grad_norm"), rtol=1e-4
     )
+
+
+def test_gradient_accumulation_for_the_classifier(tmp_path):
+    cfg = PRESETS["digits"]
+    cfg = dataclasses.replace(
+        cfg, steps=4, run_dir=str(tmp_path), mesh=MeshConfig(data=2, fsdp=2, tensor=2),
+        log=dataclasses.replace(cfg.log, progress=False, tensorboard=False),
+    )  # fmt: skip
+    full = train(cfg)
+    accumulated = train(
+        dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, microbatches=2))
+    )
+    np.testing.assert_allclose(losses(accumulated), losses(full), rtol=1e-5)
 
 
 def test_bf16_tracks_fp32(tiny):

@@ -74,7 +74,7 @@ def test_parameter_shards_follow_the_rules(name, tiny):
         "wq": params["layers"]["wq"],
         "w_down": params["layers"]["w_down"],
     }
-    mu = run.state.opt_state[1][0].mu  # adamw's first moment mirrors the params
+    mu = run.state.opt_state[0].mu  # adamw's first moment mirrors the params
     for key, want in expected.items():
         assert leaves[key][...].addressable_shards[0].data.shape == want, key
         assert len(leaves[key][...].addressable_shards) == 8
