@@ -92,9 +92,9 @@ PRESETS: dict[str, Config] = {
         eval_every=0,
     ),
     # Quick start: 0.85M-param byte-level Llama; validation loss falls from 5.5 (uniform) to
-    # ~1.74 (2.5 bits per byte) in 300 steps, about 2.5 minutes on 2 CPU cores.
+    # ~1.74 (2.5 bits per byte) in 300 steps, under 2 minutes on 2 CPU cores.
     "default": Config(),
-    # Vision: MLP on 8x8 digits; ~98.6% validation accuracy after 500 steps (~7 s on CPU).
+    # Vision: MLP on 8x8 digits; ~98.6% validation accuracy after 500 steps (~5 s on CPU).
     "digits": Config(
         task="digits",
         steps=500,
