@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ def evaluate(run: Run) -> dict[str, float]:
     loss = totals["loss_sum"] / totals["count"]
     result = {"eval_loss": loss, "eval_accuracy": totals["correct"] / totals["count"]}
     if run.cfg.task == "lm":
-        result["eval_bits_per_byte"] = loss / np.log(2)
+        result["eval_bits_per_byte"] = loss / math.log(2)
     return result
 
 

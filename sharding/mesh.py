@@ -52,7 +52,7 @@ class MeshConfig:
         if total != num_devices:
             shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
             raise ShardingError(
-                f"Mesh {shape} needs {total} devices but {num_devices} are available; "
+                f"Mesh {shape} needs {total} devices but the run has {num_devices}; "
                 f"make the mesh sizes multiply to {num_devices} (or set one axis to -1)."
             )
         return sizes

@@ -82,7 +82,7 @@ def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--mesh.data=3"], "needs 3 devices but 8 are available"),
+        (["--mesh.data=3"], "needs 3 devices but the run has 8"),
         (["--mesh.data=0"], "--mesh.data=0 is not a valid mesh size"),
         (["--mesh.data=-2"], "--mesh.data=-2 is not a valid mesh size"),
         (["--mesh.data=-1", "--mesh.fsdp=-1"], "Only one mesh axis may be -1"),

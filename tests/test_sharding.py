@@ -16,7 +16,7 @@ def test_minus_one_fills_the_remaining_devices():
 @pytest.mark.parametrize(
     "mesh, message",
     [
-        (MeshConfig(data=3), "needs 3 devices but 8 are available"),
+        (MeshConfig(data=3), "needs 3 devices but the run has 8"),
         (MeshConfig(data=0), "--mesh.data=0 is not a valid mesh size"),
         (MeshConfig(data=2, tensor=-2), "--mesh.tensor=-2 is not a valid mesh size"),
         (MeshConfig(data=-1, fsdp=-1), "Only one mesh axis may be -1"),
