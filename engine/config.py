@@ -8,7 +8,6 @@ come from tyro.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Literal
@@ -159,14 +158,15 @@ def _base(name: str) -> tuple[Config, list[str]]:
     if path.suffix in (".json", ".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"Config file '{name}' does not exist; pass an existing file path.")
-        text = path.read_text()
-        if path.suffix == ".json":
-            overrides = json.loads(text)
-        else:
-            import yaml
+        import yaml  # YAML is a superset of JSON: one parser for both
 
-            overrides = yaml.safe_load(text)
-        return Config(), _flags(overrides or {})
+        try:
+            overrides = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file '{name}' is not valid JSON/YAML ({e}).") from None
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"Config file '{name}' must hold a mapping of config keys.")
+        return Config(), _flags(overrides)
     raise ConfigError(
         f"Unknown preset '{name}'; use one of {', '.join(PRESETS)} or a .json/.yaml file."
     )
@@ -224,7 +224,3 @@ def validate(cfg: Config) -> None:
     for flag, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{flag}={value} must not be negative.")
-
-
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)

@@ -1,4 +1,4 @@
-"""Precision policy: storage, compute and output dtypes, and dynamic loss scaling for fp16.
+"""Precision policy: compute and output dtypes over fp32 storage, and fp16 dynamic loss scaling.
 
 Casts happen once, at the model boundary (params and floating inputs to the compute dtype,
 logits to the output dtype), never inside layers.
@@ -15,7 +15,8 @@ from flax import struct
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    param_dtype: jnp.dtype
+    """Parameters and optimizer state are always stored in fp32; this says how they compute."""
+
     compute_dtype: jnp.dtype
     output_dtype: jnp.dtype
     loss_scaling: bool = False
@@ -35,11 +36,11 @@ def _cast_floating(tree, dtype):
 
 
 POLICIES = {
-    "fp32": Policy(jnp.float32, jnp.float32, jnp.float32),
+    "fp32": Policy(jnp.float32, jnp.float32),
     # fp32 master weights and optimizer state, bf16 matmuls, fp32 logits and loss.
-    "bf16": Policy(jnp.float32, jnp.bfloat16, jnp.float32),
+    "bf16": Policy(jnp.bfloat16, jnp.float32),
     # fp16's narrow exponent underflows small gradients: scale the loss up, check, scale back.
-    "fp16": Policy(jnp.float32, jnp.float16, jnp.float32, loss_scaling=True),
+    "fp16": Policy(jnp.float16, jnp.float32, loss_scaling=True),
 }
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from engine.config import Config, ConfigError, to_dict, validate
+from engine.config import Config, ConfigError, validate
 from engine.data import make_task
 from engine.metrics import MetricsWriter, mfu, peak_flops
 from engine.optim import make_optimizer
@@ -184,7 +184,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
     run = setup(cfg, devices)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     n_devices = run.mesh.size
     peak = cfg.peak_flops or peak_flops()
     fpt = flops_per_token(cfg)

@@ -79,6 +79,15 @@ def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
     assert [r["loss"] for r in rerun] == [r["loss"] for r in records]
 
 
+def test_corrupt_config_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"steps": 3, "mesh": {"data": ')
+    result = cli("--config", str(bad), f"--run_dir={tmp_path}")
+    assert result.returncode != 0
+    assert f"Config file '{bad}' is not valid JSON/YAML" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
