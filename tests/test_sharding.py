@@ -41,48 +41,46 @@ def test_rules_give_each_mesh_axis_to_one_dimension():
     assert logical_to_spec(("embed", "mlp", "nonsense"), DEFAULT_RULES, mesh) == P(None, None, None)
 
 
-# tiny: vocab 256, d_model 64, 2 layers, 8 heads, 4 kv heads, head_dim 8, d_ff 128.
-# Expected per-device shard shapes, written out by hand from the rule table.
-EXPECTED = {
-    "data8": (
-        dict(data=8),
-        {"embed": (256, 64), "head": (64, 256), "wq": (2, 64, 8, 8), "w_down": (2, 128, 64)},
-    ),
-    "fsdp8": (
-        dict(fsdp=8),
-        {"embed": (256, 8), "head": (8, 256), "wq": (2, 8, 8, 8), "w_down": (2, 128, 8)},
-    ),
-    "data2_tensor4": (
-        dict(data=2, tensor=4),
-        {"embed": (64, 64), "head": (64, 64), "wq": (2, 64, 2, 8), "w_down": (2, 32, 64)},
-    ),
-    "data2_fsdp2_tensor2": (
-        dict(data=2, fsdp=2, tensor=2),
-        {"embed": (128, 32), "head": (32, 128), "wq": (2, 32, 4, 8), "w_down": (2, 64, 32)},
-    ),
-}
-
-
-@pytest.mark.parametrize("name", EXPECTED)
-def test_parameter_shards_follow_the_rules(name, tiny):
-    mesh, expected = EXPECTED[name]
-    run = setup(tiny(mesh=mesh))
-    params = run.state.params
-    leaves = {
-        "embed": params["embed"],
-        "head": params["head"],
-        "wq": params["layers"]["wq"],
-        "w_down": params["layers"]["w_down"],
+def expected_shards(f: int, t: int) -> dict:
+    """Per-device shapes of every `tiny` parameter, written out by hand from the rule table for
+    fsdp size `f` and tensor size `t` (vocab 256, d_model 64, 2 layers, 8 heads, 4 kv heads,
+    head_dim 8, d_ff 128): embed over fsdp; vocab, heads, kv_heads, mlp over tensor."""
+    return {
+        ("embed",): (256 // t, 64 // f),
+        ("head",): (64 // f, 256 // t),
+        ("final_norm", "scale"): (64 // f,),
+        ("layers", "attn_norm", "scale"): (2, 64 // f),
+        ("layers", "mlp_norm", "scale"): (2, 64 // f),
+        ("layers", "wq"): (2, 64 // f, 8 // t, 8),
+        ("layers", "wk"): (2, 64 // f, 4 // t, 8),
+        ("layers", "wv"): (2, 64 // f, 4 // t, 8),
+        ("layers", "wo"): (2, 8 // t, 8, 64 // f),
+        ("layers", "w_gate"): (2, 64 // f, 128 // t),
+        ("layers", "w_up"): (2, 64 // f, 128 // t),
+        ("layers", "w_down"): (2, 128 // t, 64 // f),
     }
-    mu = run.state.opt_state[0].mu  # adamw's first moment mirrors the params
-    for key, want in expected.items():
-        assert leaves[key][...].addressable_shards[0].data.shape == want, key
-        assert len(leaves[key][...].addressable_shards) == 8
-    assert mu["layers"]["wq"][...].addressable_shards[0].data.shape == expected["wq"]
-    # Norm scales are ("embed",): split over fsdp only.
-    scale = params["layers"]["attn_norm"]["scale"][...]
-    fsdp = mesh.get("fsdp", 1)
-    assert scale.addressable_shards[0].data.shape == (2, 64 // fsdp)
+
+
+def _shard_shapes(tree) -> dict:
+    flat = jax.tree_util.tree_leaves_with_path(tree)
+    return {
+        tuple(k.key for k in path if hasattr(k, "key")): leaf.addressable_shards[0].data.shape
+        for path, leaf in flat
+    }
+
+
+@pytest.mark.parametrize(
+    "mesh",
+    [dict(data=8), dict(fsdp=8), dict(data=2, tensor=4), dict(data=2, fsdp=2, tensor=2)],
+    ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()),
+)
+def test_every_parameter_and_moment_is_sharded_as_the_rules_say(mesh, tiny):
+    run = setup(tiny(mesh=mesh))
+    want = expected_shards(mesh.get("fsdp", 1), mesh.get("tensor", 1))
+    adam = run.state.opt_state[0]
+    for tree in (run.state.params, adam.mu, adam.nu):
+        assert _shard_shapes(tree) == want
+        assert all(len(x.addressable_shards) == 8 for x in jax.tree.leaves(tree))
 
 
 def test_indivisible_dimension_names_parameter_and_axis(tiny):
