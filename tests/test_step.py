@@ -35,6 +35,8 @@ def test_step_matches_optax_reference(tiny, microbatches):
         params = optax.apply_updates(params, updates)
         assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
         assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
+    # Adam divides by sqrt(v) + eps: where a gradient is near eps (a byte the batch barely saw),
+    # reduction-order rounding moves that update by a visible fraction of lr. Hence atol ~ lr/200.
     got, want = jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(params)
     for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=5e-5)
