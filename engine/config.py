@@ -224,3 +224,8 @@ def validate(cfg: Config) -> None:
     for flag, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{flag}={value} must not be negative.")
+    if cfg.checkpoint.every:
+        raise ConfigError(
+            f"--checkpoint.every={cfg.checkpoint.every}: checkpointing is not available yet; "
+            "use --checkpoint.every=0."
+        )
