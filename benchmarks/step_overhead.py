@@ -32,7 +32,7 @@ from engine.config import PRESETS, parse_args  # noqa: E402
 from engine.optim import make_optimizer  # noqa: E402
 from engine.precision import POLICIES  # noqa: E402
 from engine.trainer import setup  # noqa: E402
-from sharding import RULE_PRESETS, MeshConfig, axis_rules  # noqa: E402
+from sharding import RULE_PRESETS, MeshConfig, axis_rules, describe_mesh  # noqa: E402
 
 
 def handwritten_step(graphdef, tx, compute_dtype, clip_norm):
@@ -94,11 +94,10 @@ def bench(cfg, rounds: int, steps_per_round: int) -> None:
         engine_times.append(engine_round())
         hand_times.append(hand_round())
     e, h = statistics.median(engine_times), statistics.median(hand_times)
-    mesh = " x ".join(f"{a}={s}" for a, s in run.mesh.shape.items() if s > 1) or "1 device"
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} | jax {jax.__version__}")
     print(
         f"config: {cfg.task} d_model={cfg.model.d_model} layers={cfg.model.n_layers} "
-        f"batch={cfg.batch_size}x{cfg.data.seq_len} {cfg.precision} mesh {mesh}"
+        f"batch={cfg.batch_size}x{cfg.data.seq_len} {cfg.precision} mesh {describe_mesh(run.mesh)}"
     )
     print(f"engine step:       {e * 1e3:9.3f} ms (median of {rounds} x {steps_per_round})")
     print(f"hand-written step: {h * 1e3:9.3f} ms")

@@ -28,7 +28,9 @@ from sharding import (
     axis_rules,
     batch_sharding,
     check_divisible,
+    describe_mesh,
     make_mesh,
+    mesh_flags,
     tree_shardings,
 )
 
@@ -79,7 +81,7 @@ def _check_batch(cfg: Config, sharding: jax.sharding.NamedSharding) -> None:
             "use a microbatch count that divides the batch size."
         )
     if (cfg.batch_size // micro) % ways:
-        flags = " x ".join(f"--mesh.{a}={sharding.mesh.shape[a]}" for a in axes)
+        flags = mesh_flags(sharding.mesh, axes)
         raise ConfigError(
             f"--batch_size={cfg.batch_size} (per microbatch {cfg.batch_size // micro}) is not "
             f"divisible by the data-parallel size {ways} ({flags}); use a batch size that is a "
@@ -190,9 +192,8 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
     fpt = flops_per_token(cfg)
     tokens_per_step = cfg.batch_size * run.task.tokens_per_example
     params = sum(x.size for x in jax.tree.leaves(run.state.params))
-    mesh_desc = " x ".join(f"{a}={s}" for a, s in run.mesh.shape.items() if s > 1) or "1 device"
     tqdm.write(
-        f"shardtrain: {cfg.task} | {params / 1e6:.2f}M params | mesh {mesh_desc} | "
+        f"shardtrain: {cfg.task} | {params / 1e6:.2f}M params | mesh {describe_mesh(run.mesh)} | "
         f"{cfg.precision} | compiled in {run.compile_s:.1f}s"
     )
 

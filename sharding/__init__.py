@@ -3,7 +3,7 @@
 Nothing here knows a particular model; models know nothing of meshes.
 """
 
-from sharding.mesh import MESH_AXES, MeshConfig, ShardingError, make_mesh
+from sharding.mesh import MESH_AXES, MeshConfig, ShardingError, describe_mesh, make_mesh, mesh_flags
 from sharding.rules import (
     DEFAULT_RULES,
     RULE_PRESETS,
@@ -24,8 +24,10 @@ __all__ = [
     "axis_rules",
     "batch_sharding",
     "check_divisible",
+    "describe_mesh",
     "constrain",
     "logical_to_spec",
     "make_mesh",
+    "mesh_flags",
     "tree_shardings",
 ]

@@ -58,6 +58,16 @@ class MeshConfig:
         return sizes
 
 
+def mesh_flags(mesh: Mesh, axes) -> str:
+    """The command-line flags that set `axes`, e.g. '--mesh.data=2 x --mesh.fsdp=4'."""
+    return " x ".join(f"--mesh.{a}={mesh.shape[a]}" for a in axes)
+
+
+def describe_mesh(mesh: Mesh) -> str:
+    """The axes that split anything, e.g. 'data=2 x tensor=4', or '1 device'."""
+    return " x ".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "1 device"
+
+
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     """A `Mesh` over `devices` (default: all) with Auto axes, so GSPMD places collectives."""
     devices = list(jax.devices() if devices is None else devices)

@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sharding.mesh import ShardingError
+from sharding.mesh import ShardingError, mesh_flags
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -126,7 +126,7 @@ def check_divisible(tree, mesh: Mesh, rules: Rules) -> None:
             ways = math.prod(mesh.shape[a] for a in axes)
             if size % ways:
                 where = ".".join(str(getattr(k, "key", k)) for k in path)
-                flags = " x ".join(f"--mesh.{a}={mesh.shape[a]}" for a in axes)
+                flags = mesh_flags(mesh, axes)
                 raise ShardingError(
                     f"Parameter '{where}' dimension {dim} ('{name}', size {size}) is not "
                     f"divisible by {flags}; choose mesh sizes that divide {size} or change "
