@@ -16,7 +16,7 @@ import tyro
 
 from engine.optim import OptimConfig
 from models import LLAMA_PRESETS, ClassifierConfig, LlamaConfig
-from sharding import MeshConfig
+from sharding import MeshConfig, PipelineConfig
 
 
 class ConfigError(ValueError):
@@ -58,6 +58,7 @@ class Config:
     model: LlamaConfig = LlamaConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     mesh: MeshConfig = MeshConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     rules: Literal["default", "no_zero3"] = "default"
     """Rule table mapping logical axis names to mesh axes (sharding.RULE_PRESETS)."""
     optim: OptimConfig = OptimConfig()
@@ -211,12 +212,14 @@ def validate(cfg: Config) -> None:
         "--log.summary_every": cfg.log.summary_every,
         "--optim.microbatches": cfg.optim.microbatches,
         "--data.eval_batches": cfg.data.eval_batches,
+        "--pipeline.repeats": cfg.pipeline.repeats,
     }
     non_negative = {
         "--eval_every": cfg.eval_every,
         "--checkpoint.every": cfg.checkpoint.every,
         "--optim.lr": cfg.optim.lr,
         "--optim.clip_norm": cfg.optim.clip_norm,
+        "--pipeline.microbatches": cfg.pipeline.microbatches,
     }
     for flag, value in positive.items():
         if value <= 0:

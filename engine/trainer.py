@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,11 @@ from engine.step import TrainState, make_eval_step, make_train_step
 from models import Llama, MLPClassifier
 from sharding import (
     RULE_PRESETS,
+    PipelineConfig,
+    apply_pipeline,
     axis_rules,
     batch_sharding,
+    bubble,
     check_divisible,
     describe_mesh,
     make_mesh,
@@ -35,10 +39,14 @@ from sharding import (
 )
 
 
-def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
+def build_model(cfg: Config, rngs: nnx.Rngs, stages: int = 1) -> nnx.Module:
+    """The model, with its layers split into `stages` pipeline stages when there are several."""
     if cfg.task == "digits":
         return MLPClassifier(cfg.classifier, rngs)
-    return Llama(cfg.model, rngs)
+    model = Llama(cfg.model, rngs)
+    if stages > 1:
+        apply_pipeline(model, stages, cfg.pipeline)
+    return model
 
 
 def flops_per_token(cfg: Config) -> float:
@@ -69,24 +77,25 @@ class Run:
         }
 
 
-def _check_batch(cfg: Config, sharding: jax.sharding.NamedSharding) -> None:
-    """The global batch must split into microbatches, and each of those over the batch axes."""
+def _check_batch(cfg: Config, sharding: jax.sharding.NamedSharding, stages: int) -> None:
+    """The global batch must split into accumulation steps, those into pipeline microbatches,
+    and each of those over the data-parallel devices."""
     axes = sharding.spec[0] or ()
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a != "pipeline")
     ways = int(np.prod([sharding.mesh.shape[a] for a in axes]))
-    micro = cfg.optim.microbatches
-    if micro < 1 or cfg.batch_size % micro:
-        raise ConfigError(
-            f"--batch_size={cfg.batch_size} does not split into --optim.microbatches={micro}; "
-            "use a microbatch count that divides the batch size."
-        )
-    if (cfg.batch_size // micro) % ways:
-        flags = mesh_flags(sharding.mesh, axes)
-        raise ConfigError(
-            f"--batch_size={cfg.batch_size} (per microbatch {cfg.batch_size // micro}) is not "
-            f"divisible by the data-parallel size {ways} ({flags}); use a batch size that is a "
-            f"multiple of {ways * micro}."
-        )
+    accum = cfg.optim.microbatches
+    pipe = (cfg.pipeline.microbatches or stages) if stages > 1 else 1
+    if cfg.batch_size % (accum * pipe * ways) == 0:
+        return
+    splits = [f"{ways} data-parallel shards ({mesh_flags(sharding.mesh, axes) or '1 device'})"]
+    if pipe > 1:
+        splits.insert(0, f"{pipe} pipeline microbatches (--pipeline.microbatches={pipe})")
+    if accum > 1:
+        splits.insert(0, f"{accum} accumulation steps (--optim.microbatches={accum})")
+    raise ConfigError(
+        f"--batch_size={cfg.batch_size} does not split into {' x '.join(splits)}; use a batch "
+        f"size that is a multiple of {accum * pipe * ways}."
+    )
 
 
 def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = True) -> Run:
@@ -97,29 +106,32 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
     models that would not fit here.
     """
     mesh = make_mesh(cfg.mesh, devices)
-    if mesh.shape["pipeline"] > 1:
+    stages = mesh.shape["pipeline"]
+    if stages > 1 and cfg.task != "lm":
         raise ConfigError(
-            f"--mesh.pipeline={mesh.shape['pipeline']}: pipeline parallelism is not available "
-            "yet; set --mesh.pipeline=1 and use --mesh.fsdp or --mesh.tensor to split the model."
+            f"--mesh.pipeline={stages} needs a model with a stack of layers (--task=lm); "
+            f"--task={cfg.task} has none to split, so use --mesh.pipeline=1."
         )
+    if stages == 1 and cfg.pipeline != PipelineConfig():
+        print("warning: --pipeline.* has no effect with --mesh.pipeline=1.", file=sys.stderr)
     rules = RULE_PRESETS[cfg.rules]
     policy = POLICIES[cfg.precision]
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
 
     # Shapes and logical names first (no memory), so a bad mesh fails before any allocation.
-    abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.seed)))
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.seed), stages))
     graphdef, abstract_params = nnx.split(abstract_model)
     check_divisible(abstract_params, mesh, rules)
 
     def init_fn() -> TrainState:
-        params = nnx.state(build_model(cfg, nnx.Rngs(cfg.seed)))
+        params = nnx.state(build_model(cfg, nnx.Rngs(cfg.seed), stages))
         loss_scale = LossScale.create() if policy.loss_scaling else None
         return TrainState(jnp.int32(0), params, tx.init(params), loss_scale)
 
     task = make_task(cfg.task, cfg.batch_size, cfg.data.seq_len, cfg.seed, cfg.data.eval_batches)
     example = task.train_batch(0)
     batch_shardings = {k: batch_sharding(mesh, rules, v.ndim) for k, v in example.items()}
-    _check_batch(cfg, batch_shardings["inputs"])
+    _check_batch(cfg, batch_shardings["inputs"], stages)
     abstract_batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
         for k, v in example.items()
@@ -194,7 +206,8 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
     params = sum(x.size for x in jax.tree.leaves(run.state.params))
     tqdm.write(
         f"shardtrain: {cfg.task} | {params / 1e6:.2f}M params | mesh {describe_mesh(run.mesh)} | "
-        f"{cfg.precision} | compiled in {run.compile_s:.1f}s"
+        f"{_pipeline_summary(cfg, run.mesh.shape['pipeline'])}{cfg.precision} | "
+        f"compiled in {run.compile_s:.1f}s"
     )
 
     writer = MetricsWriter(run_dir, cfg.log.tensorboard)
@@ -230,6 +243,16 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
     bar.close()
     writer.close()
     return records
+
+
+def _pipeline_summary(cfg: Config, stages: int) -> str:
+    if stages == 1:
+        return ""
+    repeats, micro = cfg.pipeline.repeats, cfg.pipeline.microbatches or stages
+    return (
+        f"{stages} stages x {repeats} repeats, {micro} microbatches, "
+        f"bubble {100 * bubble(stages, repeats, micro):.0f}% | "
+    )
 
 
 def _summary(r: dict) -> str:

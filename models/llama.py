@@ -182,6 +182,24 @@ class Block(nnx.Module):
         return constrain(x, ("batch", "length", "embed"))
 
 
+@dataclasses.dataclass(frozen=True)
+class ScanLayers:
+    """Run stacked layers in order with `lax.scan`: one compiled layer body for any depth."""
+
+    remat: RematPolicy = "none"
+
+    def __call__(self, layers: nnx.Module, x, *args):
+        graphdef, stacked = nnx.split(layers)
+
+        def layer(x, params):
+            return nnx.merge(graphdef, params)(x, *args), None
+
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.remat])
+        x, _ = jax.lax.scan(layer, x, stacked)
+        return x
+
+
 class Llama(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -193,6 +211,8 @@ class Llama(nnx.Module):
             return Block(cfg, rngs)
 
         self.layers = make_layers(rngs)
+        # How the stack runs; parallelism may swap it (sharding.pipeline), the layers stay.
+        self.layer_runner = ScanLayers(cfg.remat)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0.02)
@@ -206,15 +226,7 @@ class Llama(nnx.Module):
         x = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
-        graphdef, stacked = nnx.split(self.layers)
-
-        def layer(x, params):
-            return nnx.merge(graphdef, params)(x, positions), None
-
-        if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
-        x, _ = jax.lax.scan(layer, x, stacked)
-
+        x = self.layer_runner(self.layers, x, positions)
         x = self.final_norm(x)
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embed)

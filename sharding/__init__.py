@@ -4,6 +4,7 @@ Nothing here knows a particular model; models know nothing of meshes.
 """
 
 from sharding.mesh import MESH_AXES, MeshConfig, ShardingError, describe_mesh, make_mesh, mesh_flags
+from sharding.pipeline import PipelineConfig, apply_pipeline, bubble
 from sharding.rules import (
     DEFAULT_RULES,
     RULE_PRESETS,
@@ -20,9 +21,12 @@ __all__ = [
     "MESH_AXES",
     "RULE_PRESETS",
     "MeshConfig",
+    "PipelineConfig",
     "ShardingError",
+    "apply_pipeline",
     "axis_rules",
     "batch_sharding",
+    "bubble",
     "check_divisible",
     "describe_mesh",
     "constrain",

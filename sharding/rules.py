@@ -25,7 +25,10 @@ Rules = tuple[tuple[str, tuple[str, ...]], ...]
 # One table serves every mesh: an axis of size 1 costs nothing, so pure data parallel, FSDP,
 # tensor parallel and their products are just mesh shapes.
 DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
+    # Outside the pipelined layers the batch splits over the stages too (embedding, logits,
+    # loss); inside them `pipeline` is manual and drops out, leaving (data, fsdp).
+    ("batch", ("pipeline", "data", "fsdp")),
+    ("batch", ("data", "fsdp")),  # when `pipeline` is taken, e.g. by `stage`
     ("embed", ("fsdp",)),
     ("mlp", ("tensor",)),
     ("heads", ("tensor",)),
@@ -34,6 +37,8 @@ DEFAULT_RULES: Rules = (
     ("length", ()),
     ("head_dim", ()),
     ("layers", ()),
+    ("stage", ("pipeline",)),
+    ("repeat", ()),
     ("classes", ()),
 )
 
@@ -63,8 +68,10 @@ def axis_rules(rules: Rules) -> Iterator[None]:
 def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> P:
     """PartitionSpec for an array whose dimensions carry `names` (None = never sharded).
 
-    Mesh axes of size 1 are dropped so specs stay readable; unknown names are replicated.
+    Mesh axes of size 1 are dropped so specs stay readable, and so are axes a surrounding
+    `shard_map` has made manual; unknown names are replicated.
     """
+    unusable = set(mesh.manual_axes) if mesh is not None else set()
     used: set[str] = set()
     spec = []
     for name in names:
@@ -74,7 +81,7 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
                 chosen = axes
                 break
         if mesh is not None:
-            chosen = tuple(a for a in chosen if mesh.shape[a] > 1)
+            chosen = tuple(a for a in chosen if mesh.shape[a] > 1 and a not in unusable)
         used.update(chosen)
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else chosen)
     return P(*spec)

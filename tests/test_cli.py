@@ -101,11 +101,34 @@ def test_corrupt_config_file_is_one_clear_error(tmp_path):
         (["--precision=fp8"], "fp8"),
         (["--config", "huge"], "Unknown preset 'huge'"),
         (["--config", "missing.yaml"], "Config file 'missing.yaml' does not exist"),
-        (["--batch_size=12"], "--batch_size=12 (per microbatch 12) is not divisible by"),
-        (["--optim.microbatches=3"], "does not split into --optim.microbatches=3"),
+        (["--batch_size=12"], "--batch_size=12 does not split into 8 data-parallel shards"),
+        (["--optim.microbatches=3"], "into 3 accumulation steps (--optim.microbatches=3)"),
         (["--steps=0"], "--steps=0 must be positive"),
         (["--checkpoint.every=10"], "checkpointing is not available yet"),
-        (["--mesh.data=4", "--mesh.pipeline=2"], "--mesh.pipeline=2: pipeline parallelism"),
+        (["--mesh.data=1", "--mesh.pipeline=8"], "2 layers do not split into --mesh.pipeline=8"),
+        (
+            ["--mesh.data=4", "--mesh.pipeline=2", "--model.n_layers=4", "--pipeline.repeats=4"],
+            "4 layers do not split into --mesh.pipeline=2 stages x --pipeline.repeats=4",
+        ),
+        (
+            ["--mesh.data=4", "--mesh.pipeline=2", "--pipeline.microbatches=1"],
+            "--pipeline.microbatches=1 is fewer than the 2 stages",
+        ),
+        (
+            [
+                "--mesh.data=2",
+                "--mesh.pipeline=4",
+                "--model.n_layers=4",
+                "--pipeline.microbatches=6",
+            ],
+            "--pipeline.microbatches=6 is not a multiple of --mesh.pipeline=4",
+        ),
+        (
+            ["--mesh.data=4", "--mesh.pipeline=2", "--pipeline.microbatches=8"],
+            "into 8 pipeline microbatches (--pipeline.microbatches=8) x 4 data-parallel shards",
+        ),
+        (["--pipeline.repeats=0"], "--pipeline.repeats=0 must be positive"),
+        (["--config", "digits", "--mesh.pipeline=2"], "--task=digits has none to split"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, message, tmp_path):
