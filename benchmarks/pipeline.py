@@ -64,8 +64,12 @@ def bubble_sweep(args) -> None:
         f"{devices[0].device_kind}, {rows} sequences x {base.data.seq_len} tokens per "
         f"microbatch, {base.precision}"
     )
-    print(f"{'R':>2} {'M':>3} | {'bubble':>6} | {'ms/step':>8} | {'us/token':>8} | "
-          f"{'predicted':>9} | {'measured':>8}  (time per token vs the last row)")  # fmt: skip
+    print(
+        "predicted / measured: time per token relative to the config with the smallest bubble; "
+        "ms/iter: step time over the R*M+S-1 iterations the schedule runs"
+    )
+    print(f"{'R':>2} {'M':>3} | {'bubble':>6} | {'iters':>5} | {'ms/step':>8} | {'ms/iter':>7} | "
+          f"{'us/token':>8} | {'predicted':>9} | {'measured':>8}")  # fmt: skip
     results = []
     for repeats in (1, 2):
         for micro in (S, 2 * S, 4 * S):
@@ -82,10 +86,11 @@ def bubble_sweep(args) -> None:
             results.append((repeats, micro, bubble(S, repeats, micro), t, per_token))
     *_, (_, _, b_ref, _, y_ref) = sorted(results, key=lambda r: -r[2])
     for repeats, micro, b, t, y in results:
-        predicted = (1 - b_ref) / (1 - b)
+        iters = repeats * micro + S - 1
         print(
-            f"{repeats:>2} {micro:>3} | {100 * b:5.1f}% | {t * 1e3:8.1f} | {y * 1e6:8.2f} | "
-            f"{predicted:9.2f} | {y / y_ref:8.2f}"
+            f"{repeats:>2} {micro:>3} | {100 * b:5.1f}% | {iters:>5} | {t * 1e3:8.1f} | "
+            f"{t * 1e3 / iters:7.1f} | {y * 1e6:8.2f} | {(1 - b_ref) / (1 - b):9.2f} | "
+            f"{y / y_ref:8.2f}"
         )
 
 
@@ -133,9 +138,11 @@ def memory_report(preset: str) -> None:
     print(f"{'mesh':>32} | {'args GB':>8} | {'temp GB':>8} | {'compile s':>9}")
     candidates = [(MeshConfig(data=1, fsdp=n), PipelineConfig())]
     for stages in (2, 4, 8):
-        if n % stages == 0 and cfg.model.n_layers % stages == 0:
+        # As many microbatches as the batch allows: each must still split over fsdp.
+        micro = cfg.batch_size // (n // stages)
+        if n % stages == 0 and cfg.model.n_layers % stages == 0 and micro % stages == 0:
             mesh = MeshConfig(data=1, fsdp=n // stages, pipeline=stages)
-            candidates.append((mesh, PipelineConfig(microbatches=cfg.batch_size)))
+            candidates.append((mesh, PipelineConfig(microbatches=micro)))
     for mesh, pipe in candidates:
         c = dataclasses.replace(cfg, mesh=mesh, pipeline=pipe)
         run = setup(c, init=False)

@@ -29,6 +29,9 @@ DEFAULT_RULES: Rules = (
     # loss); inside them `pipeline` is manual and drops out, leaving (data, fsdp).
     ("batch", ("pipeline", "data", "fsdp")),
     ("batch", ("data", "fsdp")),  # when `pipeline` is taken, e.g. by `stage`
+    # Weights outside the pipelined layers (embedding, head, final norm) also split over the
+    # pipeline axis, ZeRO-3 style; stacked layer weights have `pipeline` taken by `stage`.
+    ("embed", ("fsdp", "pipeline")),
     ("embed", ("fsdp",)),
     ("mlp", ("tensor",)),
     ("heads", ("tensor",)),

@@ -160,6 +160,9 @@ def test_layer_weights_per_device_fall_as_one_over_stages(tmp_path):
         if stages > 1:  # [repeats, stages, layers per stage, ...], one stage per device
             assert wq.shape == (1, stages, LAYERS // stages, 64, 8, 8)
             assert wq.addressable_shards[0].data.shape == (1, 1, LAYERS // stages, 64, 8, 8)
+        # Weights outside the layers split their `embed` dimension over the stages instead.
+        embed = run.state.params["embed"]
+        assert embed.addressable_shards[0].data.shape == (256, 64 // stages)
     assert sizes[2] * 2 == sizes[1] and sizes[4] * 4 == sizes[1]
 
 
