@@ -84,7 +84,7 @@ def _check_batch(cfg: Config, sharding: jax.sharding.NamedSharding, stages: int)
     axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a != "pipeline")
     ways = int(np.prod([sharding.mesh.shape[a] for a in axes]))
     accum = cfg.optim.microbatches
-    pipe = (cfg.pipeline.microbatches or stages) if stages > 1 else 1
+    pipe = cfg.pipeline.microbatches_for(stages) if stages > 1 else 1
     if cfg.batch_size % (accum * pipe * ways) == 0:
         return
     splits = [f"{ways} data-parallel shards ({mesh_flags(sharding.mesh, axes) or '1 device'})"]
@@ -248,7 +248,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
 def _pipeline_summary(cfg: Config, stages: int) -> str:
     if stages == 1:
         return ""
-    repeats, micro = cfg.pipeline.repeats, cfg.pipeline.microbatches or stages
+    repeats, micro = cfg.pipeline.repeats, cfg.pipeline.microbatches_for(stages)
     return (
         f"{stages} stages x {repeats} repeats, {micro} microbatches, "
         f"bubble {100 * bubble(stages, repeats, micro):.0f}% | "

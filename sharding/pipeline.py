@@ -37,6 +37,9 @@ class PipelineConfig:
     """Circular schedule: each stage holds this many non-adjacent chunks of layers and every
     microbatch loops the ring this many times; the bubble shrinks by this factor."""
 
+    def microbatches_for(self, stages: int) -> int:
+        return self.microbatches or stages
+
 
 def bubble(stages: int, repeats: int, microbatches: int) -> float:
     """Share of each stage's iterations spent idle."""
@@ -46,7 +49,7 @@ def bubble(stages: int, repeats: int, microbatches: int) -> float:
 def check_pipeline(n_layers: int, stages: int, cfg: PipelineConfig) -> int:
     """Raise ShardingError for a layer count or microbatch count the schedule cannot use;
     return the number of microbatches."""
-    repeats, micro = cfg.repeats, cfg.microbatches or stages
+    repeats, micro = cfg.repeats, cfg.microbatches_for(stages)
     if repeats < 1:
         raise ShardingError(f"--pipeline.repeats={repeats} must be at least 1.")
     if n_layers % (stages * repeats):
@@ -173,10 +176,7 @@ def _from_microbatches(a: jax.Array, stages: int) -> jax.Array:
 
 def apply_pipeline(model: nnx.Module, stages: int, cfg: PipelineConfig) -> None:
     """Split `model.layers` into `stages` pipeline stages and run them with `Pipeline`."""
-    micro = check_pipeline(len_layers(model.layers), stages, cfg)
+    n_layers = _variables(model.layers)[0].shape[0]
+    micro = check_pipeline(n_layers, stages, cfg)
     stage_layers(model.layers, stages, cfg.repeats)
     model.layer_runner = Pipeline(stages, cfg.repeats, micro, inner=model.layer_runner)
-
-
-def len_layers(layers: nnx.Module) -> int:
-    return _variables(layers)[0].shape[0]
