@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """Bad user input; the message names the value and how to fix it."""
 
 
+class TrainingHalted(RuntimeError):
+    """The run stopped itself (non-finite loss); the message names the step and what was kept."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     seq_len: int = 128
@@ -34,7 +38,20 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 0
-    """Save every N steps; 0 = off (checkpointing itself is not implemented yet)."""
+    """Save every N steps and at the end, in run_dir/checkpoints/<step>; 0 = off. A run whose
+    run_dir holds checkpoints resumes from the newest complete one either way."""
+    keep: int = 3
+    """Newest checkpoints kept; 0 = all."""
+    keep_period: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, forever; 0 = none."""
+    async_save: bool = True
+    """Write in the background while training continues."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugConfig:
+    nan_steps: tuple[int, ...] = ()
+    """Fault injection for tests: steps (1-based) whose batch gets a NaN in its loss mask."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +96,15 @@ class Config:
     """Evaluate every N steps and at the end; 0 = only at the end."""
     peak_flops: float | None = None
     """Peak FLOP/s per device for MFU; None = the device's datasheet bf16 peak (null on CPU)."""
+    nan_policy: Literal["halt", "skip"] = "halt"
+    """A step with a non-finite loss or gradient: halt (stop, exit 3, keep the last good
+    checkpoint) or skip (drop its update, count it; halt after nan_skip_limit in a row)."""
+    nan_skip_limit: int = 5
+    """With nan_policy=skip: consecutive skipped steps that halt the run."""
+    init_from: str | None = None
+    """Start from these params (a run directory, a checkpoint step directory or a params
+    export) with a fresh optimizer and step 0: fine-tuning."""
+    debug: DebugConfig = DebugConfig()
 
 
 PRESETS: dict[str, Config] = {
@@ -93,7 +119,7 @@ PRESETS: dict[str, Config] = {
     ),
     # Quick start: 0.85M-param byte-level Llama; validation loss falls from 5.5 (uniform) to
     # ~1.74 (2.5 bits per byte) in 300 steps, under 2 minutes on 2 CPU cores.
-    "default": Config(),
+    "default": Config(checkpoint=CheckpointConfig(every=100)),
     # Vision: MLP on 8x8 digits; ~98.6% validation accuracy after 500 steps (~5 s on CPU).
     "digits": Config(
         task="digits",
@@ -109,6 +135,7 @@ PRESETS: dict[str, Config] = {
         precision="bf16",
         batch_size=32,
         steps=1000,
+        checkpoint=CheckpointConfig(every=250),
         run_dir="runs/small",
         data=DataConfig(seq_len=1024, eval_batches=4),
         eval_every=0,
@@ -120,6 +147,7 @@ PRESETS: dict[str, Config] = {
         precision="bf16",
         batch_size=8,
         steps=200,
+        checkpoint=CheckpointConfig(every=50),
         run_dir="runs/1b",
         data=DataConfig(seq_len=2048, eval_batches=2),
         eval_every=0,
@@ -131,6 +159,7 @@ PRESETS: dict[str, Config] = {
         precision="bf16",
         batch_size=8,
         steps=200,
+        checkpoint=CheckpointConfig(every=50),
         run_dir="runs/8b",
         data=DataConfig(seq_len=4096, eval_batches=2),
         eval_every=0,
@@ -213,6 +242,7 @@ def validate(cfg: Config) -> None:
         "--optim.microbatches": cfg.optim.microbatches,
         "--data.eval_batches": cfg.data.eval_batches,
         "--pipeline.repeats": cfg.pipeline.repeats,
+        "--nan_skip_limit": cfg.nan_skip_limit,
     }
     non_negative = {
         "--eval_every": cfg.eval_every,
@@ -220,6 +250,8 @@ def validate(cfg: Config) -> None:
         "--optim.lr": cfg.optim.lr,
         "--optim.clip_norm": cfg.optim.clip_norm,
         "--pipeline.microbatches": cfg.pipeline.microbatches,
+        "--checkpoint.keep": cfg.checkpoint.keep,
+        "--checkpoint.keep_period": cfg.checkpoint.keep_period,
     }
     for flag, value in positive.items():
         if value <= 0:
@@ -227,8 +259,3 @@ def validate(cfg: Config) -> None:
     for flag, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{flag}={value} must not be negative.")
-    if cfg.checkpoint.every:
-        raise ConfigError(
-            f"--checkpoint.every={cfg.checkpoint.every}: checkpointing is not available yet; "
-            "use --checkpoint.every=0."
-        )

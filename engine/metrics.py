@@ -40,6 +40,13 @@ def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int, peak: f
     return flops_per_token * tokens_per_sec / (num_devices * peak)
 
 
+def _step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a torn last line from a killed run: drop it
+
+
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else str(value)
@@ -47,15 +54,26 @@ def _jsonable(value):
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to `metrics.jsonl`; mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to `metrics.jsonl`; mirrors scalars to TensorBoard.
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        self.file = open(run_dir / "metrics.jsonl", "w")
+    Resuming from step N keeps the records up to N and drops later ones (steps about to be run
+    again), so a reader never sees two losses for one step; TensorBoard purges them likewise.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
+        path = run_dir / "metrics.jsonl"
+        kept = []
+        if resume_step and path.exists():
+            kept = [line for line in path.read_text().splitlines() if _step(line) <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
         self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir))
+            self.tb = SummaryWriter(
+                str(run_dir), purge_step=resume_step + 1 if resume_step else None
+            )
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")

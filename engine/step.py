@@ -70,8 +70,12 @@ def make_train_step(
     clip_norm: float = 0.0,
     microbatches: int = 1,
     batch_sharding: NamedSharding | None = None,
+    skip_nonfinite: bool = False,
 ):
-    """`tx` is the update rule (AdamW); the step itself clips to `clip_norm` (0 = off)."""
+    """`tx` is the update rule (AdamW); the step itself clips to `clip_norm` (0 = off). With
+    `skip_nonfinite` (always under loss scaling) a step whose loss or gradient is not finite
+    keeps the old params and optimizer state and reports `skipped: 1`."""
+    skip_nonfinite = skip_nonfinite or policy.loss_scaling
     loss_fn = make_loss_fn(graphdef, policy)
 
     def scaled_loss(params, batch, scale):
@@ -109,17 +113,18 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss_scale = state.loss_scale
-        if loss_scale is not None:
-            # An overflowing fp16 step keeps the old params and optimizer state; the scale halves.
-            finite = jnp.isfinite(grad_norm)
+        metrics = {"loss": loss_sum / count, "grad_norm": grad_norm, "lr": schedule(state.step)}
+        if skip_nonfinite:
+            # A non-finite step (an fp16 overflow, a bad batch) keeps the old params and
+            # optimizer state; under loss scaling the scale halves.
+            finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss_sum)
             keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
             params = jax.tree.map(keep, params, state.params)
             opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-            loss_scale = loss_scale.update(finite)
-        new_state = TrainState(state.step + 1, params, opt_state, loss_scale)
-
-        metrics = {"loss": loss_sum / count, "grad_norm": grad_norm, "lr": schedule(state.step)}
-        return new_state, metrics
+            if loss_scale is not None:
+                loss_scale = loss_scale.update(finite)
+            metrics["skipped"] = 1 - finite.astype(jnp.float32)
+        return TrainState(state.step + 1, params, opt_state, loss_scale), metrics
 
     return train_step
 

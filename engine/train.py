@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.config import ConfigError, parse_args
+from engine.config import ConfigError, TrainingHalted, parse_args
 from sharding import ShardingError
 
 
@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingHalted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from engine.config import Config, ConfigError, validate
+from engine.checkpoint import Checkpoints, restore_params
+from engine.config import Config, ConfigError, TrainingHalted, validate
 from engine.data import make_task
 from engine.metrics import MetricsWriter, mfu, peak_flops
 from engine.optim import make_optimizer
@@ -146,7 +149,7 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
 
     train_fn = make_train_step(
         graphdef, tx, schedule, policy, cfg.optim.clip_norm, cfg.optim.microbatches,
-        batch_shardings["inputs"],
+        batch_shardings["inputs"], skip_nonfinite=cfg.nan_policy == "skip",
     )  # fmt: skip
     eval_fn = make_eval_step(graphdef, policy)
     replicated = NamedSharding(mesh, P())  # scalar metrics, readable on every host
@@ -192,12 +195,46 @@ def evaluate(run: Run) -> dict[str, float]:
     return result
 
 
+class StopSignal:
+    """SIGTERM / SIGINT ask the loop to finish its step, save and exit 0 (preemption, Ctrl-C)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers live there only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _poison(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    mask = batch["mask"].astype(np.float32)  # a copy
+    mask.flat[0] = np.nan
+    return {**batch, "mask": mask}
+
+
 def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
-    """Train `cfg.steps` steps; returns the per-step records also written to metrics.jsonl."""
+    """Train to `cfg.steps`, resuming from the newest checkpoint in `run_dir` if there is one;
+    returns the records of the steps run here (also in metrics.jsonl)."""
     validate(cfg)
     run = setup(cfg, devices)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = None
+    if cfg.checkpoint.every or (run_dir / "checkpoints").is_dir():
+        ckpt = Checkpoints(run)
+    start = 0
+    restored = ckpt.restore_latest() if ckpt else None
+    if restored:
+        run.state, start = restored.state, restored.step
+    elif cfg.init_from:
+        run.state = dataclasses.replace(run.state, params=restore_params(cfg.init_from, run))
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     n_devices = run.mesh.size
     peak = cfg.peak_flops or peak_flops()
@@ -209,40 +246,102 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
         f"{_pipeline_summary(cfg, run.mesh.shape['pipeline'])}{cfg.precision} | "
         f"compiled in {run.compile_s:.1f}s"
     )
+    if restored:
+        tqdm.write(f"resumed from step {start} ({restored.path})")
+    elif cfg.init_from:
+        tqdm.write(f"initialized params from {cfg.init_from}")
 
-    writer = MetricsWriter(run_dir, cfg.log.tensorboard)
-    records = []
+    writer = MetricsWriter(run_dir, cfg.log.tensorboard, resume_step=start)
+    stop = StopSignal()
+    records, skipped_in_a_row, saved = [], 0, start
     # disable=None: a bar on terminals only, so redirected logs keep just the summary lines.
-    bar = tqdm(total=cfg.steps, disable=None if cfg.log.progress else True, unit="step")
+    bar = tqdm(
+        initial=start, total=cfg.steps, disable=None if cfg.log.progress else True, unit="step"
+    )
     last = time.perf_counter()
-    for step in range(cfg.steps):
-        batch = run.put_batch(run.task.train_batch(step))
-        run.state, metrics = run.train_step(run.state, batch)
-        # Waiting on every step keeps the timing honest (and the CPU collectives from piling up).
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        step_time, last = now - last, now
-        record = {
-            "step": step + 1,
-            **metrics,
-            "step_time_s": step_time,
-            "tokens_per_sec": tokens_per_step / step_time,
-            "mfu": mfu(fpt, tokens_per_step / step_time, n_devices, peak),
-        }
-        done = step + 1
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-            record.update(evaluate(run))
-            last = time.perf_counter()  # evaluation time is not the next step's
-        if done % cfg.log.every == 0 or "eval_loss" in record:
-            writer.write(record)
-        records.append(record)
-        bar.update()
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if done % cfg.log.summary_every == 0 or done == cfg.steps:
-            tqdm.write(_summary(record))
-    bar.close()
-    writer.close()
-    return records
+    try:
+        for step in range(start, cfg.steps):
+            done = step + 1
+            batch = run.task.train_batch(step)
+            if done in cfg.debug.nan_steps:
+                batch = _poison(batch)
+            run.state, metrics = run.train_step(run.state, run.put_batch(batch))
+            # Waiting on every step keeps timing honest (and CPU collectives from piling up).
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            step_time, last = now - last, now
+            record = {
+                "step": done,
+                **metrics,
+                "step_time_s": step_time,
+                "tokens_per_sec": tokens_per_step / step_time,
+                "mfu": mfu(fpt, tokens_per_step / step_time, n_devices, peak),
+            }
+            if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+                writer.write(record)
+                skipped_in_a_row += 1
+                _check_nonfinite(cfg, done, record, skipped_in_a_row, saved, ckpt)
+            else:
+                skipped_in_a_row = 0
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                record.update(evaluate(run))
+                last = time.perf_counter()  # evaluation time is not the next step's
+            if (done % cfg.log.every == 0 or "eval_loss" in record) and skipped_in_a_row == 0:
+                writer.write(record)
+            records.append(record)
+            bar.update()
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if done % cfg.log.summary_every == 0 or done == cfg.steps:
+                tqdm.write(_summary(record))
+            if ckpt and cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
+                ckpt.save(done, run.state)
+                saved = done
+            preempted = ckpt is not None and ckpt.reached_preemption(done)
+            if stop.received or preempted:
+                tqdm.write(_stopped(stop.received or "preemption", done, saved, ckpt, run.state))
+                return records
+        if ckpt and cfg.checkpoint.every and saved != cfg.steps and start < cfg.steps:
+            ckpt.save(cfg.steps, run.state)
+        if start >= cfg.steps:
+            tqdm.write(f"nothing to do: the run in {run_dir} already reached step {cfg.steps}")
+        return records
+    finally:
+        # Whatever stops the loop, the checkpoint being written completes before exit.
+        if ckpt:
+            ckpt.wait()
+            ckpt.close()
+        stop.restore()
+        bar.close()
+        writer.close()
+
+
+def _check_nonfinite(cfg: Config, step: int, record: dict, in_a_row: int, saved: int, ckpt):
+    """Halt on a non-finite step unless --nan_policy=skip allows one more."""
+    what = f"step {step}: loss {record['loss']}, grad_norm {record['grad_norm']}"
+    kept = f"the last good checkpoint is step {saved}" if ckpt and saved else "no checkpoint"
+    if cfg.nan_policy == "halt":
+        raise TrainingHalted(
+            f"{what} is not finite; halted (--nan_policy=halt) without saving this state, "
+            f"{kept}. Lower --optim.lr or raise --optim.warmup_steps, or pass "
+            "--nan_policy=skip to drop such steps."
+        )
+    if in_a_row >= cfg.nan_skip_limit:
+        raise TrainingHalted(
+            f"{what} makes {in_a_row} non-finite steps in a row; halted "
+            f"(--nan_skip_limit={cfg.nan_skip_limit}), {kept}."
+        )
+    tqdm.write(f"warning: {what} is not finite; update skipped (--nan_policy=skip)")
+
+
+def _stopped(reason: str, step: int, saved: int, ckpt, state) -> str:
+    if ckpt is None:
+        return f"{reason}: stopped after step {step}; checkpointing is off, nothing saved"
+    if saved != step:
+        ckpt.save(step, state)
+    return (
+        f"{reason}: stopped after step {step}, checkpoint saved in {ckpt.directory / str(step)}; "
+        "run the same command to resume"
+    )
 
 
 def _pipeline_summary(cfg: Config, stages: int) -> str:

@@ -4,7 +4,7 @@ Nothing here knows a particular model; models know nothing of meshes.
 """
 
 from sharding.mesh import MESH_AXES, MeshConfig, ShardingError, describe_mesh, make_mesh, mesh_flags
-from sharding.pipeline import PipelineConfig, apply_pipeline, bubble
+from sharding.pipeline import PipelineConfig, apply_pipeline, bubble, restage, unstage
 from sharding.rules import (
     DEFAULT_RULES,
     RULE_PRESETS,
@@ -33,5 +33,7 @@ __all__ = [
     "logical_to_spec",
     "make_mesh",
     "mesh_flags",
+    "restage",
     "tree_shardings",
+    "unstage",
 ]

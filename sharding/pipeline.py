@@ -174,6 +174,40 @@ def _from_microbatches(a: jax.Array, stages: int) -> jax.Array:
     return constrain(a, ("batch",) + (None,) * (a.ndim - 1))
 
 
+def _names(var: nnx.Variable) -> tuple:
+    return tuple(var.get_metadata().get("out_sharding") or ())
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def unstage(tree):
+    """Staged layer variables [R, S, k, ...] (params or optimizer state) back to the canonical
+    [L, ...] layout, so checkpoints do not depend on the pipeline split."""
+
+    def one(var):
+        if not _is_var(var) or _names(var)[:2] != ("repeat", "stage"):
+            return var
+        value = var.get_value()
+        return var.replace(value.reshape(-1, *value.shape[3:]), out_sharding=_names(var)[2:])
+
+    return jax.tree.map(one, tree, is_leaf=_is_var)
+
+
+def restage(tree, stages: int, repeats: int):
+    """Inverse of `unstage`: canonical [L, ...] layer variables to [R, S, L/(S*R), ...]."""
+
+    def one(var):
+        if not _is_var(var) or _names(var)[:1] != ("layers",):
+            return var
+        value = var.get_value()
+        shape = (repeats, stages, value.shape[0] // (stages * repeats), *value.shape[1:])
+        return var.replace(value.reshape(shape), out_sharding=("repeat", "stage", *_names(var)))
+
+    return jax.tree.map(one, tree, is_leaf=_is_var)
+
+
 def apply_pipeline(model: nnx.Module, stages: int, cfg: PipelineConfig) -> None:
     """Split `model.layers` into `stages` pipeline stages and run them with `Pipeline`."""
     n_layers = _variables(model.layers)[0].shape[0]

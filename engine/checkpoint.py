@@ -1,0 +1,210 @@
+"""Sharded, asynchronous checkpoints (orbax-checkpoint): save, resume, reshard, fall back.
+
+`run_dir/checkpoints/<step>/` holds three items: `params` (model weights), `train` (step,
+optimizer state, loss scale) and `meta` (JSON: step, data position, resolved config). Layer
+weights are stored in the canonical [L, ...] layout whatever the pipeline split, and every leaf
+is restored straight into the current mesh's sharding, so any mesh resumes any checkpoint and
+each device reads only its own shards. orbax writes a step into a temporary directory and
+renames it when complete; a step that cannot be read is skipped with a warning, never deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from engine.config import CheckpointConfig, ConfigError
+from engine.step import TrainState
+from sharding import RULE_PRESETS, restage, tree_shardings, unstage
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    step: int
+    state: TrainState
+    path: Path
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def _train_item(state: TrainState) -> dict:
+    item = {"step": state.step, "opt_state": state.opt_state}
+    if state.loss_scale is not None:
+        item["loss_scale"] = state.loss_scale
+    return item
+
+
+class Layout:
+    """Converts a train state (or its params) between this run's layout and the canonical one
+    checkpoints use, with the shardings of this run's mesh on both sides."""
+
+    def __init__(self, run):
+        stages, repeats = run.mesh.shape["pipeline"], run.cfg.pipeline.repeats
+        canonical = jax.eval_shape(unstage, run.state)
+        shardings = tree_shardings(canonical, run.mesh, RULE_PRESETS[run.cfg.rules])
+        self.abstract = _abstract(canonical, shardings)
+        self.to_canonical = self.state_from_canonical = self.params_from_canonical = _same
+        if stages > 1:
+            self.to_canonical = jax.jit(unstage, out_shardings=shardings)
+            to_run = lambda t: restage(t, stages, repeats)  # noqa: E731
+            self.state_from_canonical = jax.jit(to_run, out_shardings=run.state_shardings)
+            self.params_from_canonical = jax.jit(to_run, out_shardings=run.state_shardings.params)
+
+
+def _same(tree):
+    return tree
+
+
+class Checkpoints:
+    """The checkpoints of one run, for the mesh and train state of `run` (engine.trainer.Run)."""
+
+    def __init__(self, run, cfg: CheckpointConfig | None = None, directory: Path | None = None):
+        cfg = cfg or run.cfg.checkpoint
+        self.directory = Path(directory or Path(run.cfg.run_dir) / "checkpoints").absolute()
+        self.config = run.cfg
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep or None,
+            keep_period=cfg.keep_period or None,
+            enable_async_checkpointing=cfg.async_save,
+            cleanup_tmp_directories=True,  # half-written steps from a killed run
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.layout = Layout(run)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: TrainState) -> None:
+        """Start saving `state` as `step`; it is written in the background (async_save)."""
+        state = self.layout.to_canonical(state)
+        meta = {"step": step, "data_position": step, "config": dataclasses.asdict(self.config)}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train=ocp.args.StandardSave(_train_item(state)),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,  # the caller decides when; orbax's own interval policy is not used
+        )
+
+    def restore_latest(self) -> Restored | None:
+        """The newest checkpoint that reads back whole, resharded for this run; None if there
+        are none. Unreadable ones are skipped with a warning and left on disk."""
+        steps, errors = self.steps(), []
+        for step in reversed(steps):
+            try:
+                state = self._restore(step)
+            except Exception as e:  # orbax/tensorstore raise many types for a bad file
+                reason = _first_line(e)
+                errors.append(f"{step} ({reason})")
+                print(
+                    f"warning: checkpoint {self.directory / str(step)} could not be read "
+                    f"({reason}); trying the previous one.",
+                    file=sys.stderr,
+                )
+                continue
+            self._set_aside(s for s in steps if s > step)
+            return Restored(step, state, self.directory / str(step))
+        if steps:
+            raise ConfigError(
+                f"None of the checkpoints in {self.directory} could be restored for this config "
+                f"(newest first: {'; '.join(errors)}); resume with the config that wrote them "
+                "or use a new --run_dir."
+            )
+        return None
+
+    def _set_aside(self, steps) -> None:
+        """Rename unreadable newer checkpoints (kept for inspection, never deleted) so that
+        the steps about to be re-run can be saved again."""
+        for step in steps:
+            path = self.directory / str(step)
+            aside = path.with_name(f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.rename(aside)
+            print(f"warning: moved unreadable checkpoint {path} to {aside}", file=sys.stderr)
+        self.manager.reload()
+
+    def _restore(self, step: int) -> TrainState:
+        abstract = self.layout.abstract
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract.params),
+                train=ocp.args.StandardRestore(_train_item(abstract)),
+            ),
+        )
+        train = restored["train"]
+        state = TrainState(
+            train["step"], restored["params"], train["opt_state"], train.get("loss_scale")
+        )
+        return self.layout.state_from_canonical(state)
+
+    def reached_preemption(self, step: int) -> bool:
+        """JAX's multi-process preemption sync point (False in a single process)."""
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines() or [""]
+    return f"{type(e).__name__}: {lines[0][:300]}"
+
+
+def find_params(path: str | Path) -> Path:
+    """The `params` item of a run directory (its newest checkpoint), a checkpoint step
+    directory, or a params-only export."""
+    path = Path(path).absolute()
+    if (path / "checkpoints").is_dir():
+        steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
+        if not steps:
+            raise ConfigError(f"--init_from={path}: the run has no complete checkpoint yet.")
+        path = path / "checkpoints" / str(steps[-1])
+    if not (path / "params").is_dir():
+        raise ConfigError(
+            f"--init_from={path} is not a run directory, a checkpoint or a params export "
+            "(there is no 'params' in it); pass one of those."
+        )
+    return path / "params"
+
+
+def restore_params(path: str | Path, run):
+    """Params only (fine-tuning, inference), resharded for `run`'s mesh."""
+    layout = Layout(run)
+    try:
+        params = ocp.StandardCheckpointer().restore(find_params(path), layout.abstract.params)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"--init_from={path}: its params do not fit this model ({_first_line(e)}); "
+            "use the model config of the run that wrote them."
+        ) from None
+    return layout.params_from_canonical(params)
+
+
+def export_params(run, state: TrainState, out: str | Path) -> Path:
+    """Write `state`'s params alone, canonical layout, as `out/params` (+ `out/meta`)."""
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    params = Layout(run).to_canonical(state).params
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(out / "params", params)
+    checkpointer.wait_until_finished()
+    meta = {"config": dataclasses.asdict(run.cfg), "step": int(state.step)}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
