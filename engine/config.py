@@ -175,6 +175,8 @@ def _flags(overrides: dict, prefix: str = "") -> list[str]:
     for key, value in overrides.items():
         if isinstance(value, dict):
             flags += _flags(value, f"{prefix}{key}.")
+        elif isinstance(value, list):  # tuple fields: the flag, then its values (maybe none)
+            flags += [f"--{prefix}{key}", *map(str, value)]
         else:
             value = "None" if value is None else value
             flags.append(f"--{prefix}{key}={value}")

@@ -104,7 +104,8 @@ def test_corrupt_config_file_is_one_clear_error(tmp_path):
         (["--batch_size=12"], "--batch_size=12 does not split into 8 data-parallel shards"),
         (["--optim.microbatches=3"], "into 3 accumulation steps (--optim.microbatches=3)"),
         (["--steps=0"], "--steps=0 must be positive"),
-        (["--checkpoint.every=10"], "checkpointing is not available yet"),
+        (["--checkpoint.keep=-1"], "--checkpoint.keep=-1 must not be negative"),
+        (["--nan_policy=ignore"], "ignore"),
         (["--mesh.data=1", "--mesh.pipeline=8"], "2 layers do not split into --mesh.pipeline=8"),
         (
             ["--mesh.data=4", "--mesh.pipeline=2", "--model.n_layers=4", "--pipeline.repeats=4"],
