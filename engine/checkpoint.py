@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from engine.config import CheckpointConfig, ConfigError
+from engine.config import ConfigError
 from engine.step import TrainState
 from sharding import RULE_PRESETS, restage, tree_shardings, unstage
 
@@ -68,9 +68,9 @@ def _same(tree):
 class Checkpoints:
     """The checkpoints of one run, for the mesh and train state of `run` (engine.trainer.Run)."""
 
-    def __init__(self, run, cfg: CheckpointConfig | None = None, directory: Path | None = None):
-        cfg = cfg or run.cfg.checkpoint
-        self.directory = Path(directory or Path(run.cfg.run_dir) / "checkpoints").absolute()
+    def __init__(self, run):
+        cfg = run.cfg.checkpoint
+        self.directory = (Path(run.cfg.run_dir) / "checkpoints").absolute()
         self.config = run.cfg
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep or None,

@@ -298,7 +298,9 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
                 saved = done
             preempted = ckpt is not None and ckpt.reached_preemption(done)
             if stop.received or preempted:
-                tqdm.write(_stopped(stop.received or "preemption", done, saved, ckpt, run.state))
+                if ckpt and saved != done:
+                    ckpt.save(done, run.state)
+                tqdm.write(_stopped(stop.received or "preemption", done, ckpt))
                 return records
         if ckpt and cfg.checkpoint.every and saved != cfg.steps and start < cfg.steps:
             ckpt.save(cfg.steps, run.state)
@@ -333,11 +335,9 @@ def _check_nonfinite(cfg: Config, step: int, record: dict, in_a_row: int, saved:
     tqdm.write(f"warning: {what} is not finite; update skipped (--nan_policy=skip)")
 
 
-def _stopped(reason: str, step: int, saved: int, ckpt, state) -> str:
+def _stopped(reason: str, step: int, ckpt) -> str:
     if ckpt is None:
         return f"{reason}: stopped after step {step}; checkpointing is off, nothing saved"
-    if saved != step:
-        ckpt.save(step, state)
     return (
         f"{reason}: stopped after step {step}, checkpoint saved in {ckpt.directory / str(step)}; "
         "run the same command to resume"

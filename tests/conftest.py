@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -26,3 +29,17 @@ def tiny_config(run_dir, mesh: dict | None = None, **overrides) -> Config:
 def tiny(tmp_path):
     """`tiny(mesh=dict(data=2), steps=5, ...)` -> a quiet tiny config writing under tmp_path."""
     return lambda mesh=None, **overrides: tiny_config(tmp_path / "run", mesh, **overrides)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, devices=8, background=False):
+    """`python -m engine.train ARGS` as a user runs it, with `devices` virtual CPU devices:
+    the finished process, or with `background` the running one."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    command = [sys.executable, "-m", "engine.train", *args]
+    if background:
+        pipe = subprocess.PIPE
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

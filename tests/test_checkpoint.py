@@ -2,44 +2,24 @@
 another mesh, a corrupt newest checkpoint, NaN policies, fine-tuning from another run."""
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--config", "tiny", "--steps=12", "--checkpoint.every=3", "--eval_every=0"]
 
 
-def command(run_dir, *args):
-    return [sys.executable, "-m", "engine.train", *RUN, f"--run_dir={run_dir}", *args]
-
-
-def env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-
-
 def run(run_dir, *args):
-    return subprocess.run(
-        command(run_dir, *args), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
-    )
+    return cli(*RUN, f"--run_dir={run_dir}", *args)
 
 
 def start(run_dir, *args):
-    return subprocess.Popen(
-        command(run_dir, *args),
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return cli(*RUN, f"--run_dir={run_dir}", *args, background=True)
 
 
 def records(run_dir) -> list[dict]:

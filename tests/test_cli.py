@@ -1,28 +1,13 @@
 """The command line as a user runs it: files it writes, and one clear sentence per bad input."""
 
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = {"step", "loss", "grad_norm", "lr", "step_time_s", "tokens_per_sec", "mfu"}
-
-
-def cli(*args, devices=8):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.run(
-        [sys.executable, "-m", "engine.train", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def tensorboard_scalars(run_dir: Path, tag: str) -> list[float]:
