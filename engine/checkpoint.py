@@ -10,14 +10,17 @@ renames it when complete; a step that cannot be read is skipped with a warning, 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from engine.config import ConfigError
 from engine.step import TrainState
@@ -76,6 +79,9 @@ class Checkpoints:
             max_to_keep=cfg.keep or None,
             keep_period=cfg.keep_period or None,
             enable_async_checkpointing=cfg.async_save,
+            # Keep the loop's share of a save to the device-to-host snapshot.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=True),
+            enable_background_delete=True,
             cleanup_tmp_directories=True,  # half-written steps from a killed run
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -127,11 +133,15 @@ class Checkpoints:
     def _set_aside(self, steps) -> None:
         """Rename unreadable newer checkpoints (kept for inspection, never deleted) so that
         the steps about to be re-run can be saved again."""
-        for step in steps:
-            path = self.directory / str(step)
-            aside = path.with_name(f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-            path.rename(aside)
-            print(f"warning: moved unreadable checkpoint {path} to {aside}", file=sys.stderr)
+        steps = list(steps)
+        if steps and jax.process_index() == 0:  # one process renames, the others wait
+            for step in steps:
+                path = self.directory / str(step)
+                aside = path.with_name(f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+                path.rename(aside)
+                print(f"warning: moved unreadable checkpoint {path} to {aside}", file=sys.stderr)
+        if steps and jax.process_count() > 1:
+            multihost_utils.sync_global_devices("shardtrain: unreadable checkpoints set aside")
         self.manager.reload()
 
     def _restore(self, step: int) -> TrainState:
@@ -165,15 +175,20 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:300]}"
 
 
-def find_params(path: str | Path) -> Path:
-    """The `params` item of a run directory (its newest checkpoint), a checkpoint step
-    directory, or a params-only export."""
-    path = Path(path).absolute()
+def _step_dir(path: Path) -> Path:
+    """A run directory's newest complete checkpoint, or `path` itself."""
     if (path / "checkpoints").is_dir():
         steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
         if not steps:
-            raise ConfigError(f"--init_from={path}: the run has no complete checkpoint yet.")
+            raise ConfigError(f"{path}: the run has no complete checkpoint yet.")
         path = path / "checkpoints" / str(steps[-1])
+    return path
+
+
+def find_params(path: str | Path) -> Path:
+    """The `params` item of a run directory (its newest checkpoint), a checkpoint step
+    directory, or a params-only export."""
+    path = _step_dir(Path(path).absolute())
     if not (path / "params").is_dir():
         raise ConfigError(
             f"--init_from={path} is not a run directory, a checkpoint or a params export "
@@ -197,14 +212,49 @@ def restore_params(path: str | Path, run):
     return layout.params_from_canonical(params)
 
 
-def export_params(run, state: TrainState, out: str | Path) -> Path:
-    """Write `state`'s params alone, canonical layout, as `out/params` (+ `out/meta`)."""
-    out = Path(out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    params = Layout(run).to_canonical(state).params
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out / "params", params)
-    checkpointer.wait_until_finished()
-    meta = {"config": dataclasses.asdict(run.cfg), "step": int(state.step)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+def export_params(source: str | Path, out: str | Path) -> Path:
+    """Copy a checkpoint's params (fp32, canonical layout, so any mesh reads them) to
+    `out/params`, with the run's resolved config as `out/config.json`. Bitwise, and no array
+    passes through memory: the stored item is already what inference and conversion need."""
+    step_dir, out = _step_dir(Path(source).absolute()), Path(out).absolute()
+    meta_file = step_dir / "meta" / "metadata"
+    if not (step_dir / "params").is_dir() or not meta_file.is_file():
+        raise ConfigError(
+            f"{source} is neither a run directory nor a checkpoint step directory "
+            "(no params/ and meta/ in it); pass run_dir or run_dir/checkpoints/<step>."
+        )
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; pass a new directory to export to.")
+    meta = json.loads(meta_file.read_text())
+    shutil.copytree(step_dir / "params", out / "params")
+    # Model and training keys only: --config OUT/config.json must not point at the old run.
+    config = {k: v for k, v in meta["config"].items() if k not in ("run_dir", "init_from")}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "export.json").write_text(json.dumps({"source": str(step_dir), "step": meta["step"]}))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.checkpoint",
+        description="Checkpoint tools. `export SOURCE OUT`: params only, for inference, "
+        "conversion or --init_from=OUT; SOURCE is a run directory (newest checkpoint) or "
+        "one checkpoint step directory.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write a params-only copy of a checkpoint")
+    export.add_argument("source", help="run directory or run_dir/checkpoints/<step>")
+    export.add_argument("out", help="new directory to write")
+    args = parser.parse_args(argv)
+    try:
+        out = export_params(args.source, args.out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in (out / "params").rglob("*") if f.is_file())
+    print(f"exported params ({size / 1e6:.1f} MB) to {out}; model config in {out}/config.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,12 +4,14 @@ another mesh, a corrupt newest checkpoint, NaN policies, fine-tuning from anothe
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli
+from conftest import ROOT, cli
 
 RUN = ["--config", "tiny", "--steps=12", "--checkpoint.every=3", "--eval_every=0"]
 
@@ -136,7 +138,12 @@ def test_nan_skip_drops_the_update_and_halt_keeps_the_last_good_checkpoint(tmp_p
     assert sorted(p.name for p in (tmp_path / "halt" / "checkpoints").iterdir()) == ["3"]
 
 
-def test_init_from_another_run_starts_from_its_params(tmp_path, uninterrupted):
+def export(source, out):
+    command = [sys.executable, "-m", "engine.checkpoint", "export", str(source), str(out)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_init_from_another_run_or_its_params_export(tmp_path, uninterrupted):
     fresh = losses(uninterrupted)
     result = run(tmp_path / "tuned", f"--init_from={uninterrupted}", "--steps=2")
     assert result.returncode == 0, result.stderr
@@ -146,3 +153,19 @@ def test_init_from_another_run_starts_from_its_params(tmp_path, uninterrupted):
 
     bad = run(tmp_path / "bad", f"--init_from={tmp_path}")
     assert bad.returncode == 2 and "is not a run directory, a checkpoint" in bad.stderr
+
+    # Params-only export: a bitwise copy of the newest params, with a config that has no run_dir.
+    out = tmp_path / "export"
+    done = export(uninterrupted, out)
+    assert done.returncode == 0, done.stderr
+    files = lambda d: {f.relative_to(d): f.read_bytes() for f in d.rglob("*") if f.is_file()}  # noqa: E731
+    assert files(out / "params") == files(uninterrupted / "checkpoints" / "12" / "params")
+    assert "run_dir" not in json.loads((out / "config.json").read_text())
+    again = export(uninterrupted, out)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr  # never overwrites
+
+    mesh = ["--mesh.data=2", "--mesh.fsdp=2", "--mesh.tensor=2"]
+    config = ["--config", str(out / "config.json"), f"--run_dir={tmp_path / 'from_export'}"]
+    from_export = cli(*config, f"--init_from={out}", "--steps=1", *mesh)
+    assert from_export.returncode == 0, from_export.stderr
+    np.testing.assert_allclose(losses(tmp_path / "from_export")[1], tuned[1], rtol=1e-5)
