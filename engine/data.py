@@ -1,76 +1,72 @@
-"""Embedded data sets that every machine already has: no download.
+"""Training batches: deterministic, per process, prefetched.
 
-- `lm`: byte-level language modelling on the Python standard library's own source files, split
-  into train and validation by file.
+- `lm`: a token stream (engine.sources: the embedded corpus, a token file, text shards) packed
+  into windows of `seq_len + 1` tokens, documents back to back. The loss mask is 0 where the
+  input token ends a document, so no position is trained to guess the next document's first
+  token from the previous one.
 - `digits`: scikit-learn's bundled 8x8 handwritten digits, 20% held out.
 
-The training batch of step `s` is a pure function of `(seed, s)`, so a run can restart at any step
-and read exactly the batches it would have read.
+Example `g` of the run is window `shuffle(seed)[g]` (grain's index shuffle, a fresh permutation
+each epoch) and step `s` reads examples `s*B ... s*B + B - 1`. So the data position is a pure
+function of (seed, step): a resume, on any number of processes, reads exactly the batches an
+uninterrupted run would have, and each process builds only its own rows of them.
 """
 
 from __future__ import annotations
 
-import sysconfig
-import zlib
 from collections.abc import Iterator
-from functools import cache
-from pathlib import Path
 
+import grain
 import numpy as np
+
+from engine.config import DataConfig
+from engine.sources import TokenStream, token_stream
 
 Batch = dict[str, np.ndarray]
 
-VAL_EVERY = 20  # one file in 20 goes to validation
-SEPARATOR = 0  # byte 0 (never in source text) marks a file boundary
 
-
-def stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
-
-
-@cache
-def stdlib_corpus() -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) byte arrays; a file's split is fixed by a hash of its path."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    parts: dict[bool, list[bytes]] = {True: [], False: []}
-    for path in stdlib_files():
-        is_val = zlib.crc32(str(path.relative_to(root)).encode()) % VAL_EVERY == 0
-        parts[is_val] += [path.read_bytes(), bytes([SEPARATOR])]
-    train, val = (np.frombuffer(b"".join(parts[v]), np.uint8) for v in (False, True))
-    return train, val
-
-
-def _windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
-    idx = starts[:, None] + np.arange(seq_len + 1)
-    chunk = data[idx].astype(np.int32)
+def pack(tokens: np.ndarray, starts: np.ndarray, seq_len: int, eos_id: int) -> Batch:
+    """Windows of `seq_len + 1` tokens at `starts`: inputs, next-token targets, loss mask."""
+    chunk = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+    inputs = chunk[:, :-1]
     return {
-        "inputs": chunk[:, :-1],
+        "inputs": inputs,
         "targets": chunk[:, 1:],
-        "mask": np.ones((len(starts), seq_len), np.float32),
+        "mask": (inputs != eos_id).astype(np.float32),  # a target across a document boundary
     }
 
 
 class TextTask:
-    """Random windows of `seq_len + 1` bytes from the stdlib corpus."""
+    """Shuffled, non-overlapping windows of a token stream (packed documents)."""
 
-    def __init__(self, batch_size: int, seq_len: int, seed: int, eval_batches: int):
-        self.train, self.val = stdlib_corpus()
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.eval_batches = eval_batches
-        self.tokens_per_example = seq_len
+    def __init__(self, data: DataConfig, batch_size: int, seed: int):
+        self.seq_len, self.batch_size = data.seq_len, batch_size
+        self.eval_batches = data.eval_batches
+        eval_tokens = (batch_size * data.eval_batches + 1) * data.seq_len + 1
+        self.stream: TokenStream = token_stream(data, eval_tokens)
+        self.vocab_size, self.tokens_per_example = self.stream.vocab_size, data.seq_len
+        self.windows = (len(self.stream.train) - 1) // data.seq_len
+        # Window id of every example index (lazy, O(1) each): grain's per-epoch index shuffle.
+        self.order = grain.MapDataset.range(self.windows).shuffle(seed=seed)
 
-    def train_batch(self, step: int) -> Batch:
-        rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, len(self.train) - self.seq_len - 1, self.batch_size)
-        return _windows(self.train, starts, self.seq_len)
+    def sample_ids(self, step: int, rows: range) -> np.ndarray:
+        first = step * self.batch_size
+        return np.array([self.order[first + r] for r in rows], np.int64)
 
-    def eval_iter(self) -> Iterator[Batch]:
-        # The same windows every evaluation and every seed, so eval losses compare across runs.
-        rng = np.random.default_rng(1234)
-        for _ in range(self.eval_batches):
-            starts = rng.integers(0, len(self.val) - self.seq_len - 1, self.batch_size)
-            yield _windows(self.val, starts, self.seq_len)
+    def train_batch(self, step: int, rows: range | None = None) -> Batch:
+        rows = range(self.batch_size) if rows is None else rows
+        starts = self.sample_ids(step, rows) * self.seq_len
+        return pack(self.stream.train, starts, self.seq_len, self.stream.eos_id)
+
+    def eval_iter(self, rows: range | None = None) -> Iterator[Batch]:
+        # Fixed windows, spread over the validation split: eval losses compare across runs.
+        rows = range(self.batch_size) if rows is None else rows
+        count = self.eval_batches * self.batch_size
+        span = len(self.stream.val) - self.seq_len - 1
+        starts = np.linspace(0, span, count).astype(np.int64).reshape(self.eval_batches, -1)
+        for batch_starts in starts:
+            yield pack(self.stream.val, batch_starts[rows.start : rows.stop], self.seq_len,
+                       self.stream.eos_id)  # fmt: skip
 
 
 class DigitsTask:
@@ -88,26 +84,42 @@ class DigitsTask:
         self.batch_size, self.seed = batch_size, seed
         self.tokens_per_example = 1
 
-    def train_batch(self, step: int) -> Batch:
+    def sample_ids(self, step: int, rows: range) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step])
-        idx = rng.choice(len(self.y_train), self.batch_size, replace=False)
-        mask = np.ones(self.batch_size, np.float32)
+        return rng.choice(len(self.y_train), self.batch_size, replace=False)[rows.start : rows.stop]
+
+    def train_batch(self, step: int, rows: range | None = None) -> Batch:
+        idx = self.sample_ids(step, range(self.batch_size) if rows is None else rows)
+        mask = np.ones(len(idx), np.float32)
         return {"inputs": self.x_train[idx], "targets": self.y_train[idx], "mask": mask}
 
-    def eval_iter(self) -> Iterator[Batch]:
+    def eval_iter(self, rows: range | None = None) -> Iterator[Batch]:
         # Every held-out image exactly once; the last batch is padded and masked out.
         b = self.batch_size
+        rows = range(b) if rows is None else rows
         for start in range(0, len(self.y_val), b):
             x, y = self.x_val[start : start + b], self.y_val[start : start + b]
             pad = b - len(y)
-            yield {
+            batch = {
                 "inputs": np.pad(x, ((0, pad), (0, 0))),
                 "targets": np.pad(y, (0, pad)),
                 "mask": np.pad(np.ones(len(y), np.float32), (0, pad)),
             }
+            yield {k: v[rows.start : rows.stop] for k, v in batch.items()}
 
 
-def make_task(task: str, batch_size: int, seq_len: int, seed: int, eval_batches: int):
+def make_task(task: str, data: DataConfig, batch_size: int, seed: int):
     if task == "digits":
         return DigitsTask(batch_size, seed)
-    return TextTask(batch_size, seq_len, seed, eval_batches)
+    return TextTask(data, batch_size, seed)
+
+
+def prefetch(task, steps: range, rows: range, depth: int, threads: int = 2):
+    """This process's rows of the batches of `steps`, built `depth` ahead by grain threads."""
+    batches = grain.MapDataset.range(steps.start, steps.stop).map(
+        lambda step: task.train_batch(step, rows)
+    )
+    if depth == 0:
+        return iter(batches)
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=depth)
+    return iter(batches.to_iter_dataset(options))

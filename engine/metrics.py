@@ -60,14 +60,18 @@ class MetricsWriter:
     again), so a reader never sees two losses for one step; TensorBoard purges them likewise.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
+    def __init__(
+        self, run_dir: Path, tensorboard: bool, resume_step: int = 0, enabled: bool = True
+    ):
+        self.file = self.tb = None
+        if not enabled:  # processes other than 0 of a multi-process run
+            return
         path = run_dir / "metrics.jsonl"
         kept = []
         if resume_step and path.exists():
             kept = [line for line in path.read_text().splitlines() if _step(line) <= resume_step]
         path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a")
-        self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -76,6 +80,8 @@ class MetricsWriter:
             )
 
     def write(self, record: dict) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -85,6 +91,7 @@ class MetricsWriter:
                     self.tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()

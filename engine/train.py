@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from engine.config import ConfigError, TrainingHalted, parse_args
@@ -11,8 +12,11 @@ from sharding import ShardingError
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
-        from engine.trainer import train  # after parsing: --help should not wait for JAX
+        # After parsing: --help should not wait for JAX.
+        from engine.distributed import initialize
+        from engine.trainer import train
 
+        initialize(cfg.distributed)  # before anything touches a device
         train(cfg)
     except (ConfigError, ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -20,6 +24,23 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingHalted as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:
+        import jax
+
+        if jax.process_count() == 1:
+            raise
+        # A peer died or lost contact: say so in one line, then leave without the distributed
+        # shutdown barrier, which would only abort after waiting for the dead peer.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        print(
+            f"error: process {jax.process_index()} of {jax.process_count()} stopped: {first}. "
+            "Another process probably failed or lost contact (see its log); run the same "
+            "command again to resume from the last checkpoint.",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(4)
     return 0
 
 

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from engine.checkpoint import Checkpoints, restore_params
 from engine.config import Config, ConfigError, TrainingHalted, validate
-from engine.data import make_task
+from engine.data import make_task, prefetch
+from engine.distributed import is_primary
 from engine.metrics import MetricsWriter, mfu, peak_flops
 from engine.optim import make_optimizer
 from engine.precision import POLICIES, LossScale
@@ -71,13 +72,33 @@ class Run:
     eval_step: Any  # compiled: (params, batch) -> sums
     task: Any
     compile_s: float
+    rows: range  # the rows of each global batch that this process's devices hold
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        # From this process's rows to one global array; the same call works on many hosts.
+        """One global array per key from this process's rows (or from the whole batch)."""
+        size = self.cfg.batch_size
+        if len(next(iter(batch.values()))) == size != len(self.rows):
+            batch = {k: v[self.rows.start : self.rows.stop] for k, v in batch.items()}
         return {
-            k: jax.make_array_from_process_local_data(self.batch_shardings[k], v)
+            k: jax.make_array_from_process_local_data(
+                self.batch_shardings[k], v, (size, *v.shape[1:])
+            )
             for k, v in batch.items()
         }
+
+
+def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> range:
+    """The rows of a global batch of `shape` that this process's devices hold: one contiguous
+    block, since devices are laid out process by process along the mesh."""
+    index = sharding.devices_indices_map(shape)
+    spans = {index[d][0].indices(shape[0])[:2] for d in sharding.addressable_devices}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise ConfigError(
+            f"This process's devices hold rows {sorted(spans)} of the batch, not one block; "
+            "order the mesh so that data-parallel axes come before tensor/pipeline ones."
+        )
+    return range(lo, hi)
 
 
 def _check_batch(cfg: Config, sharding: jax.sharding.NamedSharding, stages: int) -> None:
@@ -131,7 +152,13 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
         loss_scale = LossScale.create() if policy.loss_scaling else None
         return TrainState(jnp.int32(0), params, tx.init(params), loss_scale)
 
-    task = make_task(cfg.task, cfg.batch_size, cfg.data.seq_len, cfg.seed, cfg.data.eval_batches)
+    task = make_task(cfg.task, cfg.data, cfg.batch_size, cfg.seed)
+    if cfg.task == "lm" and task.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"--data.source={cfg.data.source} has {task.vocab_size} token ids but "
+            f"--model.vocab_size={cfg.model.vocab_size}; set --model.vocab_size="
+            f"{task.vocab_size} or more."
+        )
     example = task.train_batch(0)
     batch_shardings = {k: batch_sharding(mesh, rules, v.ndim) for k, v in example.items()}
     _check_batch(cfg, batch_shardings["inputs"], stages)
@@ -179,13 +206,13 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
     return Run(
         cfg=cfg, mesh=mesh, graphdef=graphdef, state=state, state_shardings=state_shardings,
         batch_shardings=batch_shardings, train_step=train_step, eval_step=eval_step, task=task,
-        compile_s=compile_s,
+        compile_s=compile_s, rows=process_rows(batch_shardings["inputs"], example["inputs"].shape),
     )  # fmt: skip
 
 
 def evaluate(run: Run) -> dict[str, float]:
     totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
-    for batch in run.task.eval_iter():
+    for batch in run.task.eval_iter(run.rows):
         sums = jax.device_get(run.eval_step(run.state.params, run.put_batch(batch)))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     loss = totals["loss_sum"] / totals["count"]
@@ -235,34 +262,45 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
         run.state, start = restored.state, restored.step
     elif cfg.init_from:
         run.state = dataclasses.replace(run.state, params=restore_params(cfg.init_from, run))
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    primary = is_primary()  # process 0 alone writes metrics, logs and the config
+    log = tqdm.write if primary else _silent
+    if primary:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     n_devices = run.mesh.size
     peak = cfg.peak_flops or peak_flops()
     fpt = flops_per_token(cfg)
     tokens_per_step = cfg.batch_size * run.task.tokens_per_example
     params = sum(x.size for x in jax.tree.leaves(run.state.params))
-    tqdm.write(
-        f"shardtrain: {cfg.task} | {params / 1e6:.2f}M params | mesh {describe_mesh(run.mesh)} | "
-        f"{_pipeline_summary(cfg, run.mesh.shape['pipeline'])}{cfg.precision} | "
+    processes = f" | {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    log(
+        f"shardtrain: {cfg.task} | {params / 1e6:.2f}M params | mesh {describe_mesh(run.mesh)}"
+        f"{processes} | {_pipeline_summary(cfg, run.mesh.shape['pipeline'])}{cfg.precision} | "
         f"compiled in {run.compile_s:.1f}s"
     )
     if restored:
-        tqdm.write(f"resumed from step {start} ({restored.path})")
+        log(f"resumed from step {start} ({restored.path})")
     elif cfg.init_from:
-        tqdm.write(f"initialized params from {cfg.init_from}")
+        log(f"initialized params from {cfg.init_from}")
 
-    writer = MetricsWriter(run_dir, cfg.log.tensorboard, resume_step=start)
-    stop = StopSignal()
+    writer = MetricsWriter(run_dir, cfg.log.tensorboard and primary, start, enabled=primary)
+    # One process alone must not stop: multi-process runs stop at JAX's preemption sync point.
+    stop = StopSignal() if jax.process_count() == 1 else None
     records, skipped_in_a_row, saved = [], 0, start
     # disable=None: a bar on terminals only, so redirected logs keep just the summary lines.
     bar = tqdm(
-        initial=start, total=cfg.steps, disable=None if cfg.log.progress else True, unit="step"
+        initial=start,
+        total=cfg.steps,
+        disable=None if cfg.log.progress and primary else True,
+        unit="step",
     )
+    batches = prefetch(run.task, range(start, cfg.steps), run.rows, cfg.data.prefetch)
     last = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
             done = step + 1
-            batch = run.task.train_batch(step)
+            waited = time.perf_counter()
+            batch = next(batches)
+            data_wait = time.perf_counter() - waited
             if done in cfg.debug.nan_steps:
                 batch = _poison(batch)
             run.state, metrics = run.train_step(run.state, run.put_batch(batch))
@@ -274,6 +312,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
                 "step": done,
                 **metrics,
                 "step_time_s": step_time,
+                "data_wait_s": data_wait,
                 "tokens_per_sec": tokens_per_step / step_time,
                 "mfu": mfu(fpt, tokens_per_step / step_time, n_devices, peak),
             }
@@ -292,29 +331,35 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
             bar.update()
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if done % cfg.log.summary_every == 0 or done == cfg.steps:
-                tqdm.write(_summary(record))
+                log(_summary(record))
             if ckpt and cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
                 ckpt.save(done, run.state)
                 saved = done
             preempted = ckpt is not None and ckpt.reached_preemption(done)
-            if stop.received or preempted:
+            received = stop and stop.received
+            if received or preempted:
                 if ckpt and saved != done:
                     ckpt.save(done, run.state)
-                tqdm.write(_stopped(stop.received or "preemption", done, ckpt))
+                log(_stopped(received or "preemption", done, ckpt))
                 return records
         if ckpt and cfg.checkpoint.every and saved != cfg.steps and start < cfg.steps:
             ckpt.save(cfg.steps, run.state)
         if start >= cfg.steps:
-            tqdm.write(f"nothing to do: the run in {run_dir} already reached step {cfg.steps}")
+            log(f"nothing to do: the run in {run_dir} already reached step {cfg.steps}")
         return records
     finally:
         # Whatever stops the loop, the checkpoint being written completes before exit.
         if ckpt:
             ckpt.wait()
             ckpt.close()
-        stop.restore()
+        if stop:
+            stop.restore()
         bar.close()
         writer.close()
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def _check_nonfinite(cfg: Config, step: int, record: dict, in_a_row: int, saved: int, ckpt):

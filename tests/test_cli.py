@@ -4,10 +4,14 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import cli
 
+from engine.sources import write_token_file
+
 CONTRACT_KEYS = {"step", "loss", "grad_norm", "lr", "step_time_s", "tokens_per_sec", "mfu"}
+CONTRACT_KEYS |= {"data_wait_s"}
 
 
 def tensorboard_scalars(run_dir: Path, tag: str) -> list[float]:
@@ -115,9 +119,17 @@ def test_corrupt_config_file_is_one_clear_error(tmp_path):
         ),
         (["--pipeline.repeats=0"], "--pipeline.repeats=0 must be positive"),
         (["--config", "digits", "--mesh.pipeline=2"], "--task=digits has none to split"),
+        (["--data.source=/nowhere/part-*.parquet"], "matches no files; check the path or glob"),
+        (["--data.source=notes.txt"], "is not 'embedded', a token file (.bin), or Parquet/JSONL"),
+        (["--data.prefetch=-1"], "--data.prefetch=-1 must not be negative"),
+        (["--distributed.num_processes=2"], "A multi-process run needs all of"),
+        (["--data.source=tests/vocab1000.bin"], "has 1000 token ids but --model.vocab_size=256"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, message, tmp_path):
+    if args[0] == "--data.source=tests/vocab1000.bin":  # a token file the model cannot embed
+        docs = [np.arange(1, 1000)] * 20
+        args = [f"--data.source={write_token_file(tmp_path / 'vocab1000', docs, 0, 1000)}"]
     base = ["--config", "tiny", f"--run_dir={tmp_path}", "--steps=1"]
     if args[0] == "--config":
         base = base[2:]
