@@ -134,6 +134,9 @@ class Config:
     init_from: str | None = None
     """Start from these params (a run directory, a checkpoint step directory or a params
     export) with a fresh optimizer and step 0: fine-tuning."""
+    init_from_hf: str | None = None
+    """Start from a Hugging Face Llama-family directory's weights; its config.json sets the
+    model shape (--model.remat and --model.attention still apply)."""
     debug: DebugConfig = DebugConfig()
 
 

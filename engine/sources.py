@@ -53,6 +53,9 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.frombuffer(t.encode(), np.uint8) for t in texts]
 
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= i < 256).decode(errors="replace")
+
 
 class HFTokenizer:
     """A Hugging Face `tokenizers` JSON file (the `tokenizer.json` of a model directory)."""
@@ -81,6 +84,9 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(e.ids, np.uint32) for e in encodings]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
 
 
 def make_tokenizer(cfg: DataConfig):

@@ -249,6 +249,10 @@ def _poison(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
     """Train to `cfg.steps`, resuming from the newest checkpoint in `run_dir` if there is one;
     returns the records of the steps run here (also in metrics.jsonl)."""
+    if cfg.init_from_hf:
+        from engine import hf
+
+        cfg = hf.model_config(cfg)
     validate(cfg)
     run = setup(cfg, devices)
     run_dir = Path(cfg.run_dir)
@@ -262,6 +266,10 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
         run.state, start = restored.state, restored.step
     elif cfg.init_from:
         run.state = dataclasses.replace(run.state, params=restore_params(cfg.init_from, run))
+    elif cfg.init_from_hf:
+        from engine import hf
+
+        run.state = dataclasses.replace(run.state, params=hf.restore_params(cfg.init_from_hf, run))
     primary = is_primary()  # process 0 alone writes metrics, logs and the config
     log = tqdm.write if primary else _silent
     if primary:
@@ -279,8 +287,8 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
     )
     if restored:
         log(f"resumed from step {start} ({restored.path})")
-    elif cfg.init_from:
-        log(f"initialized params from {cfg.init_from}")
+    elif cfg.init_from or cfg.init_from_hf:
+        log(f"initialized params from {cfg.init_from or cfg.init_from_hf}")
 
     writer = MetricsWriter(run_dir, cfg.log.tensorboard and primary, start, enabled=primary)
     # One process alone must not stop: multi-process runs stop at JAX's preemption sync point.

@@ -35,6 +35,12 @@ class LlamaConfig:
     head_dim: int = 32
     d_ff: int = 384
     rope_theta: float = 10_000.0
+    rope_scaling: Literal["none", "llama3"] = "none"
+    """llama3: Llama 3.1's long-context frequency scaling, with the four rope_* keys below."""
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     remat: RematPolicy = "none"
@@ -119,10 +125,26 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary(x, positions, theta: float):
+def rope_frequencies(cfg: LlamaConfig):
+    """Angle per position of each rotated pair, [head_dim / 2]."""
+    half = cfg.head_dim // 2
+    freq = 1.0 / cfg.rope_theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    if cfg.rope_scaling == "llama3":
+        # Long wavelengths slowed by `factor`, short ones kept, the band between interpolated.
+        wavelen = 2 * jnp.pi / freq
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        smooth = (cfg.rope_original_max_len / wavelen - low) / (high - low)
+        scaled = (1 - smooth) * freq / cfg.rope_factor + smooth * freq
+        freq = jnp.where(wavelen > cfg.rope_original_max_len / low, freq / cfg.rope_factor, freq)
+        medium = (wavelen >= cfg.rope_original_max_len / high) & (
+            wavelen <= cfg.rope_original_max_len / low
+        )
+        freq = jnp.where(medium, scaled, freq)
+    return freq
+
+
+def rotary(x, positions, freq):
     """Rotate pairs (i, i + D/2) of `x` [batch, length, heads, D] by position-dependent angles."""
-    half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle = positions[:, :, None, None].astype(jnp.float32) * freq
     sin, cos = jnp.sin(angle), jnp.cos(angle)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -130,16 +152,20 @@ def rotary(x, positions, theta: float):
     return out.astype(x.dtype)
 
 
-def attention(q, k, v, impl: str):
-    """Causal grouped-query attention; q [B,T,H,D], k/v [B,T,K,D] with H a multiple of K."""
-    if impl == "cudnn":
+def attention(q, k, v, impl: str, visible=None):
+    """Grouped-query attention; q [B,T,H,D], k/v [B,S,K,D] with H a multiple of K. Causal
+    (S = T), or keys where `visible` [B,T,S] is True (decoding from a cache)."""
+    if impl == "cudnn" and visible is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * d**-0.5
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    if visible is None:
+        visible = jnp.tril(jnp.ones((t, t), bool))
+    else:
+        visible = visible[:, None, None]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
 
@@ -161,16 +187,26 @@ class Block(nnx.Module):
         self.w_up = _param(rngs, (d, f), ("embed", "mlp"), std)
         self.w_down = _param(rngs, (f, d), ("mlp", "embed"), out_std)
 
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, cache=None):
+        """x [B,T,D] -> [B,T,D]. With `cache` = (k [B,S,K,hd], v, start): this call's keys and
+        values are written at start..start+T and attention reads the whole cache; returns
+        (x, (k, v))."""
         cfg = self.cfg
         h = self.attn_norm(x)
         q = jnp.einsum("btd,dhk->bthk", h, self.wq[...])
         k = jnp.einsum("btd,dhk->bthk", h, self.wk[...])
         v = jnp.einsum("btd,dhk->bthk", h, self.wv[...])
-        q = constrain(rotary(q, positions, cfg.rope_theta), ("batch", "length", "heads", None))
-        k = constrain(rotary(k, positions, cfg.rope_theta), ("batch", "length", "kv_heads", None))
+        freq = rope_frequencies(cfg)
+        q = constrain(rotary(q, positions, freq), ("batch", "length", "heads", None))
+        k = constrain(rotary(k, positions, freq), ("batch", "length", "kv_heads", None))
         v = constrain(v, ("batch", "length", "kv_heads", None))
-        o = attention(q, k, v, cfg.attention)
+        visible = None
+        if cache is not None:
+            k_cache, v_cache, start = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
+            visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
+        o = attention(q, k, v, cfg.attention, visible)
         x = x + jnp.einsum("bthk,hkd->btd", o, self.wo[...])
         x = constrain(x, ("batch", "length", "embed"))
 
@@ -179,7 +215,8 @@ class Block(nnx.Module):
         up = jnp.einsum("btd,df->btf", h, self.w_up[...])
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         x = x + jnp.einsum("btf,fd->btd", hidden, self.w_down[...])
-        return constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, ("batch", "length", "embed"))
+        return x if cache is None else (x, (k, v))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,17 +256,33 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens):
         """Logits [batch, length, vocab] for integer `tokens` [batch, length]."""
-        cfg = self.cfg
-        embed = self.embed[...]
-        # Gather whole rows: a lookup into a table split along `embed` reshards badly.
-        table = constrain(embed, ("vocab", None))
-        x = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.layer_runner(self.layers, self._embed(tokens), positions)
+        return self._logits(x)
 
-        x = self.layer_runner(self.layers, x, positions)
+    def decode(self, tokens, positions, cache):
+        """Logits for `tokens` [B,T] at `positions` [B,T] that also read and extend a KV cache
+        `(k, v, start)`, k/v [layers, B, max_len, kv_heads, head_dim]: the prompt once (T =
+        its length, start 0), then one token at a time. Returns (logits, (k, v))."""
+        k_all, v_all, start = cache
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x, inputs):
+            params, k, v = inputs
+            return nnx.merge(graphdef, params)(x, positions, (k, v, start))
+
+        x, (k_all, v_all) = jax.lax.scan(layer, self._embed(tokens), (stacked, k_all, v_all))
+        return self._logits(x), (k_all, v_all)
+
+    def _embed(self, tokens):
+        # Gather whole rows: a lookup into a table split along `embed` reshards badly.
+        table = constrain(self.embed[...], ("vocab", None))
+        return constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
+
+    def _logits(self, x):
         x = self.final_norm(x)
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embed)
+        if self.cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...])
         else:
             logits = jnp.einsum("btd,dv->btv", x, self.head[...])
         return constrain(logits, ("batch", "length", "vocab"))

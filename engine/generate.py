@@ -1,0 +1,181 @@
+"""Sample text from a trained model or a Hugging Face directory, with a KV cache.
+
+    python -m engine.generate --run_dir runs/default --prompt "def main("
+    python -m engine.generate --hf_dir path/to/Llama-3.2-1B --prompt "The capital of France"
+    python -m engine.generate --run_dir R --prompt "..." --temperature 0.8 --top_p 0.95
+
+Greedy by default (--temperature 0); otherwise temperature, top-k and top-p (nucleus) sampling.
+The whole generation — the prompt through the model once, then one token at a time against the
+cache — is one jitted function; the model's params keep the sharding they were loaded with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from engine.config import ConfigError
+from models import Llama, LlamaConfig
+from sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0 = greedy (argmax)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 = all."""
+    top_p: float = 1.0
+    """Sample among the most likely tokens whose probabilities sum to p; 1 = all."""
+    seed: int = 0
+
+
+def pick(logits, key, s: Sampling):
+    """Next token [B] from logits [B, V]."""
+    if s.temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits.astype(jnp.float32) / s.temperature
+    floor = jnp.finfo(jnp.float32).min
+    if s.top_k:
+        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, floor, logits)
+    if s.top_p < 1:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        mass_before = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1) - jax.nn.softmax(
+            ordered, axis=-1
+        )
+        # The smallest logit still inside the nucleus (the top token always is).
+        cutoff = jnp.min(jnp.where(mass_before < s.top_p, ordered, jnp.inf), axis=-1)
+        logits = jnp.where(logits < cutoff[:, None], floor, logits)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "sampling", "use_cache"))
+def _generate(graphdef, state, prompt, sampling: Sampling, use_cache: bool):
+    model = nnx.merge(graphdef, state)
+    cfg: LlamaConfig = model.cfg
+    batch, length = prompt.shape
+    total = length + sampling.max_new_tokens
+    tokens = jnp.zeros((batch, total), jnp.int32).at[:, :length].set(prompt)
+    keys = jax.random.split(jax.random.key(sampling.seed), sampling.max_new_tokens)
+
+    if not use_cache:  # the whole sequence through the model for every new token
+
+        def step(i, tokens):
+            logits = model(tokens)
+            last = jax.lax.dynamic_index_in_dim(logits, length + i - 1, 1, keepdims=False)
+            return tokens.at[:, length + i].set(pick(last, keys[i], sampling))
+
+        return jax.lax.fori_loop(0, sampling.max_new_tokens, step, tokens)
+
+    shape = (cfg.n_layers, batch, total, cfg.n_kv_heads, cfg.head_dim)
+    names = ("layers", "batch", "length", "kv_heads", None)
+    dtype = model.embed[...].dtype
+    cache = tuple(constrain(jnp.zeros(shape, dtype), names) for _ in range(2))
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    logits, cache = model.decode(prompt, positions, (*cache, 0))
+    tokens = tokens.at[:, length].set(pick(logits[:, -1], keys[0], sampling))
+
+    def step(i, carry):
+        tokens, cache = carry
+        at = length + i - 1  # the newest token: feed it, predict the next
+        token = jax.lax.dynamic_slice_in_dim(tokens, at, 1, axis=1)
+        positions = jnp.full((batch, 1), at)
+        logits, cache = model.decode(token, positions, (*cache, at))
+        return tokens.at[:, at + 1].set(pick(logits[:, -1], keys[i], sampling)), cache
+
+    tokens, _ = jax.lax.fori_loop(1, sampling.max_new_tokens, step, (tokens, cache))
+    return tokens
+
+
+def generate(model: Llama, prompt, sampling: Sampling = Sampling(), use_cache: bool = True):
+    """Prompt token ids [B, T] (equal lengths) -> [B, T + max_new_tokens] token ids."""
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim == 1:
+        prompt = prompt[None]
+    graphdef, state = nnx.split(model)
+    return np.asarray(_generate(graphdef, state, prompt, sampling, use_cache))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _from_run(run_dir: Path):
+    """The model of a run directory (or params export) and its tokenizer."""
+    import orbax.checkpoint as ocp
+
+    from engine.checkpoint import find_params
+    from engine.config import DataConfig
+    from engine.sources import make_tokenizer
+
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} has no config.json; pass a run directory or params export.")
+    config = json.loads(config_path.read_text())
+    cfg = LlamaConfig(**config["model"])
+    abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
+    graphdef, target = nnx.split(abstract)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          target)  # fmt: skip
+    state = ocp.StandardCheckpointer().restore(find_params(run_dir), target)
+    data = DataConfig(**{k: v for k, v in config.get("data", {}).items() if k != "source"})
+    return nnx.merge(graphdef, state), make_tokenizer(data)
+
+
+def _from_hf(hf_dir: Path):
+    from engine import hf
+    from engine.sources import HFTokenizer
+
+    model = hf.load(hf_dir)
+    tokenizer_file = hf_dir / "tokenizer.json"
+    return model, HFTokenizer(str(tokenizer_file)) if tokenizer_file.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run_dir", help="a run directory or params export (newest checkpoint)")
+    where.add_argument("--hf_dir", help="a Hugging Face Llama directory")
+    parser.add_argument("--prompt", required=True, help="text, or token ids like '1,15,27'")
+    for field in dataclasses.fields(Sampling):
+        parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
+    parser.add_argument("--no_cache", action="store_true", help="recompute every step (slow)")
+    args = parser.parse_args(argv)
+    sampling = Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
+    try:
+        if args.run_dir:
+            model, tokenizer = _from_run(Path(args.run_dir))
+        else:
+            model, tokenizer = _from_hf(Path(args.hf_dir))
+        as_ids = tokenizer is None or all(c.isdigit() or c == "," for c in args.prompt)
+        if as_ids:
+            prompt = np.array([int(t) for t in args.prompt.split(",")])
+        else:
+            prompt = np.asarray(tokenizer.encode_batch([args.prompt])[0], np.int32)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    out = generate(model, prompt, sampling, use_cache=not args.no_cache)[0]
+    seconds = time.perf_counter() - start
+    new = out[len(prompt) :]
+    text = ",".join(map(str, new)) if as_ids else tokenizer.decode(new)
+    print(text)
+    print(f"[{len(new)} tokens in {seconds:.2f}s including compilation]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
