@@ -1,0 +1,186 @@
+"""Throughput and MFU of a real training run, next to the device's measured ceilings.
+
+    python benchmarks/mfu.py --config 1b --mesh.data=1              # one GPU: bf16, 8 x 2048
+    python benchmarks/mfu.py --config default --steps 10            # CPU: same code, small
+    python benchmarks/mfu.py --compile_time                         # scan: 4 vs 32 layers
+    python benchmarks/mfu.py --memory 1b                            # AOT, 8 virtual devices
+
+Trains `--steps` steps after `--warmup` and reports the median step time, tokens/s, model
+TFLOP/s per device, MFU (model FLOPs incl. causal attention / datasheet bf16 peak) and HFU
+(the compiled step's own FLOP count from XLA's cost analysis, recomputation included). In the
+same process it measures what this device can actually do — a large bf16 matmul's TFLOP/s and
+a large copy's memory bandwidth — and shows MFU against that matmul ceiling too.
+
+--compile_time compiles the `1b` train step (abstract state, no memory) at 4 and 32 layers:
+layers run under `lax.scan`, so the ratio should stay <= 1.5. --memory PRESET compiles that
+preset for several meshes x remat policies x accumulation steps and prints `memory_analysis()`
+per device: what fits, before renting the hardware.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if ("--memory" in sys.argv or "--compile_time" in sys.argv) and "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from engine.config import PRESETS, parse_args  # noqa: E402
+from engine.metrics import peak_flops  # noqa: E402
+from engine.trainer import flops_per_token, setup  # noqa: E402
+from sharding import MeshConfig, describe_mesh  # noqa: E402
+
+
+def timed(fn, *args, repeats: int = 10) -> float:
+    jax.block_until_ready(fn(*args))  # compile, warm
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_ceiling(n: int) -> float:
+    """bf16 FLOP/s of an n x n x n matmul on the first device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    return 2 * n**3 / timed(jax.jit(lambda a: a @ a), a)
+
+
+def bandwidth_ceiling(bytes_: int) -> float:
+    """Bytes/s of reading and writing a large fp32 array once (x * 2)."""
+    x = jnp.ones((bytes_ // 4,), jnp.float32)
+    return 2 * bytes_ / timed(jax.jit(lambda x: x * 2), x)
+
+
+def hardware_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return (cost or {}).get("flops")
+
+
+def throughput(cfg, steps: int, warmup: int) -> None:
+    run = setup(cfg)
+    batch = run.put_batch(run.task.train_batch(0))
+    times = []
+    state = run.state
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = run.train_step(state, batch)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step = statistics.median(times)
+    devices = run.mesh.size
+    tokens = cfg.batch_size * cfg.data.seq_len
+    model_flops = flops_per_token(cfg) * tokens / step / devices  # per device
+    hw = hardware_flops(run.train_step)
+    # cost_analysis counts one device's program under SPMD partitioning.
+    hw_flops = hw / step if hw else None
+    accelerator = jax.devices()[0].platform != "cpu"
+    n = 8192 if accelerator else 1024
+    ceiling = matmul_ceiling(n)
+    bandwidth = bandwidth_ceiling(2**30 if accelerator else 2**28)
+    peak = cfg.peak_flops or peak_flops()
+    device = jax.devices()[0].device_kind
+    print(f"device: {device} x{devices} | jax {jax.__version__} | mesh {describe_mesh(run.mesh)}")
+    print(
+        f"model: {cfg.model.num_params() / 1e9:.2f}B params, {cfg.precision}, remat="
+        f"{cfg.model.remat}, attention={cfg.model.attention}, batch {cfg.batch_size}x"
+        f"{cfg.data.seq_len} | compile {run.compile_s:.1f}s"
+    )
+    print(
+        f"step {step * 1e3:.1f} ms (median of {steps} after {warmup} warm-up) | "
+        f"{tokens / step:,.0f} tok/s | {model_flops / 1e12:.2f} model TFLOP/s per device"
+    )
+    print(
+        f"ceilings measured here: bf16 matmul {n}^3 {ceiling / 1e12:.2f} TFLOP/s | memory "
+        f"bandwidth {bandwidth / 1e9:.0f} GB/s"
+    )
+    mfu = f"MFU {model_flops / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s datasheet peak | "
+    print(
+        (mfu if peak else "MFU: no datasheet peak for this device | ")
+        + f"{model_flops / ceiling:.1%} of the measured matmul ceiling"
+        + (f" | HFU {hw_flops / peak:.1%}" if peak and hw_flops else "")
+        + (f" | XLA-counted {hw_flops / 1e12:.2f} TFLOP/s" if hw_flops else "")
+    )
+
+
+def compile_time() -> None:
+    base = PRESETS["1b"]
+    seconds = {}
+    for layers in (4, 32):
+        cfg = dataclasses.replace(
+            base,
+            model=dataclasses.replace(base.model, n_layers=layers),
+            mesh=MeshConfig(data=1, fsdp=-1),
+        )
+        start = time.perf_counter()
+        run = setup(cfg, init=False)
+        seconds[layers] = run.compile_s
+        print(
+            f"1b shapes, {layers} layers, fsdp={jax.device_count()}: train+eval step compiled in "
+            f"{run.compile_s:.1f}s (setup {time.perf_counter() - start:.1f}s)"
+        )
+    print(f"compile time 32 / 4 layers: {seconds[32] / seconds[4]:.2f} (goal <= 1.5)")
+
+
+def memory(preset: str) -> None:
+    base = PRESETS[preset]
+    n = jax.device_count()
+    meshes = [MeshConfig(data=1, fsdp=n), MeshConfig(data=2, fsdp=n // 2),
+              MeshConfig(data=1, fsdp=n // 2, tensor=2)]  # fmt: skip
+    print(
+        f"per-device memory, '{preset}' ({base.model.num_params() / 1e9:.2f}B params, "
+        f"{base.precision}, batch {base.batch_size}x{base.data.seq_len}), {n} x "
+        f"{jax.devices()[0].device_kind}, compiled ahead of time"
+    )
+    print(f"{'mesh':>22} | {'remat':>13} | accum | {'args GB':>7} | {'temp GB':>7} | total GB")
+    for mesh in meshes:
+        for remat in ("none", "dots_no_batch", "full"):
+            for accum in (1, 4):
+                if accum > 1 and remat != "full":
+                    continue  # accumulation's use: a smaller activation footprint
+                cfg = dataclasses.replace(
+                    base,
+                    mesh=mesh,
+                    model=dataclasses.replace(base.model, remat=remat),
+                    optim=dataclasses.replace(base.optim, microbatches=accum),
+                )
+                mem = setup(cfg, init=False).train_step.memory_analysis()
+                args, temp = mem.argument_size_in_bytes / 1e9, mem.temp_size_in_bytes / 1e9
+                print(
+                    f"{describe_mesh_config(mesh):>22} | {remat:>13} | {accum:>5} | "
+                    f"{args:7.2f} | {temp:7.2f} | {args + temp:8.2f}"
+                )
+
+
+def describe_mesh_config(mesh: MeshConfig) -> str:
+    sizes = dataclasses.asdict(mesh)
+    return " x ".join(f"{k}={v}" for k, v in sizes.items() if v != 1) or "1 device"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile_time", action="store_true")
+    parser.add_argument("--memory", default=None, help="preset for the AOT memory table")
+    args, rest = parser.parse_known_args()
+    if args.compile_time:
+        return compile_time()
+    if args.memory:
+        return memory(args.memory)
+    cfg = parse_args(rest or ["--config", "1b", "--mesh.data=1"])
+    throughput(cfg, args.steps, args.warmup)
+
+
+if __name__ == "__main__":
+    main()
