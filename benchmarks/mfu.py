@@ -7,8 +7,9 @@
 
 Trains `--steps` steps after `--warmup` and reports the median step time, tokens/s, model
 TFLOP/s per device, MFU (model FLOPs incl. causal attention / datasheet bf16 peak) and HFU
-(the compiled step's own FLOP count from XLA's cost analysis, recomputation included). In the
-same process it measures what this device can actually do — a large bf16 matmul's TFLOP/s and
+(plus what the remat policy recomputes, counted from the shapes). In the
+same process it measures what this device can actually do — a large matmul's TFLOP/s in the
+run's compute dtype and
 a large copy's memory bandwidth — and shows MFU against that matmul ceiling too.
 
 --compile_time compiles the `1b` train step (abstract state, no memory) at 4 and 32 layers:
@@ -35,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from engine.config import PRESETS, parse_args  # noqa: E402
 from engine.metrics import peak_flops  # noqa: E402
+from engine.precision import POLICIES  # noqa: E402
 from engine.trainer import flops_per_token, setup  # noqa: E402
 from sharding import MeshConfig, describe_mesh  # noqa: E402
 
@@ -48,9 +50,9 @@ def timed(fn, *args, repeats: int = 10) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def matmul_ceiling(n: int) -> float:
-    """bf16 FLOP/s of an n x n x n matmul on the first device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+def matmul_ceiling(n: int, dtype) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` (the run's compute dtype) on the first device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     return 2 * n**3 / timed(jax.jit(lambda a: a @ a), a)
 
 
@@ -60,10 +62,21 @@ def bandwidth_ceiling(bytes_: int) -> float:
     return 2 * bytes_ / timed(jax.jit(lambda x: x * 2), x)
 
 
-def hardware_flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return (cost or {}).get("flops")
+def recompute_flops_per_token(cfg) -> float:
+    """FLOPs the remat policy adds per token (HFU - MFU): the layers' forward again for
+    `full`; the attention score/value matmuls (they have batch dims) for `dots_no_batch`.
+    Counted from the shapes: XLA's cost analysis counts a scanned layer once, not per layer."""
+    m = cfg.model
+    layer_matmuls = m.n_layers * (
+        m.d_model * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.d_model * m.d_ff
+    )
+    attention_forward = 2 * m.n_layers * cfg.data.seq_len * m.n_heads * m.head_dim
+    return {
+        "none": 0.0,
+        "dots": 0.0,
+        "dots_no_batch": attention_forward,
+        "full": 2 * layer_matmuls + attention_forward,
+    }[m.remat]
 
 
 def throughput(cfg, steps: int, warmup: int) -> None:
@@ -81,18 +94,17 @@ def throughput(cfg, steps: int, warmup: int) -> None:
     devices = run.mesh.size
     tokens = cfg.batch_size * cfg.data.seq_len
     model_flops = flops_per_token(cfg) * tokens / step / devices  # per device
-    hw = hardware_flops(run.train_step)
-    # cost_analysis counts one device's program under SPMD partitioning.
-    hw_flops = hw / step if hw else None
+    hw_flops = model_flops * (1 + recompute_flops_per_token(cfg) / flops_per_token(cfg))
     accelerator = jax.devices()[0].platform != "cpu"
     n = 8192 if accelerator else 1024
-    ceiling = matmul_ceiling(n)
+    compute = POLICIES[cfg.precision].compute_dtype
+    ceiling = matmul_ceiling(n, compute)
     bandwidth = bandwidth_ceiling(2**30 if accelerator else 2**28)
     peak = cfg.peak_flops or peak_flops()
     device = jax.devices()[0].device_kind
     print(f"device: {device} x{devices} | jax {jax.__version__} | mesh {describe_mesh(run.mesh)}")
     print(
-        f"model: {cfg.model.num_params() / 1e9:.2f}B params, {cfg.precision}, remat="
+        f"model: {cfg.model.num_params() / 1e6:,.1f}M params, {cfg.precision}, remat="
         f"{cfg.model.remat}, attention={cfg.model.attention}, batch {cfg.batch_size}x"
         f"{cfg.data.seq_len} | compile {run.compile_s:.1f}s"
     )
@@ -101,16 +113,18 @@ def throughput(cfg, steps: int, warmup: int) -> None:
         f"{tokens / step:,.0f} tok/s | {model_flops / 1e12:.2f} model TFLOP/s per device"
     )
     print(
-        f"ceilings measured here: bf16 matmul {n}^3 {ceiling / 1e12:.2f} TFLOP/s | memory "
+        f"ceilings measured here: {jnp.dtype(compute).name} matmul {n}^3 "
+        f"{ceiling / 1e12:.2f} TFLOP/s | memory "
         f"bandwidth {bandwidth / 1e9:.0f} GB/s"
     )
-    mfu = f"MFU {model_flops / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s datasheet peak | "
-    print(
-        (mfu if peak else "MFU: no datasheet peak for this device | ")
-        + f"{model_flops / ceiling:.1%} of the measured matmul ceiling"
-        + (f" | HFU {hw_flops / peak:.1%}" if peak and hw_flops else "")
-        + (f" | XLA-counted {hw_flops / 1e12:.2f} TFLOP/s" if hw_flops else "")
-    )
+    parts = ["MFU: no datasheet peak for this device"]
+    if peak:
+        parts = [f"MFU {model_flops / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s datasheet peak"]
+    parts.append(f"{model_flops / ceiling:.1%} of the measured matmul ceiling")
+    parts.append(f"with remat recompute {hw_flops / 1e12:.2f} TFLOP/s")
+    if peak:
+        parts.append(f"HFU {hw_flops / peak:.1%}")
+    print(" | ".join(parts))
 
 
 def compile_time() -> None:
@@ -142,14 +156,15 @@ def memory(preset: str) -> None:
         f"{base.precision}, batch {base.batch_size}x{base.data.seq_len}), {n} x "
         f"{jax.devices()[0].device_kind}, compiled ahead of time"
     )
-    print(f"{'mesh':>22} | {'remat':>13} | accum | {'args GB':>7} | {'temp GB':>7} | total GB")
+    print(f"{'mesh':>22} | {'remat':>13} | accum x batch | {'args GB':>7} | {'temp GB':>7} | total")
     for mesh in meshes:
         for remat in ("none", "dots_no_batch", "full"):
             for accum in (1, 4):
                 if accum > 1 and remat != "full":
-                    continue  # accumulation's use: a smaller activation footprint
+                    continue  # accumulation's use: a bigger batch in the same memory
                 cfg = dataclasses.replace(
                     base,
+                    batch_size=base.batch_size * accum,
                     mesh=mesh,
                     model=dataclasses.replace(base.model, remat=remat),
                     optim=dataclasses.replace(base.optim, microbatches=accum),
@@ -157,7 +172,8 @@ def memory(preset: str) -> None:
                 mem = setup(cfg, init=False).train_step.memory_analysis()
                 args, temp = mem.argument_size_in_bytes / 1e9, mem.temp_size_in_bytes / 1e9
                 print(
-                    f"{describe_mesh_config(mesh):>22} | {remat:>13} | {accum:>5} | "
+                    f"{describe_mesh_config(mesh):>22} | {remat:>13} | "
+                    f"{f'{accum} x {cfg.batch_size // accum}':>13} | "
                     f"{args:7.2f} | {temp:7.2f} | {args + temp:8.2f}"
                 )
 
