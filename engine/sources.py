@@ -231,12 +231,32 @@ def embedded_corpus() -> TokenStream:
     return TokenStream(train, val, SEPARATOR, 256, "embedded")
 
 
+def local_copy(cfg: DataConfig) -> Path:
+    """A remote token file (and its .json) copied once into the cache: memmap needs a file."""
+    import fsspec
+
+    digest = hashlib.sha256(cfg.source.encode()).hexdigest()[:16]
+    out = Path(cfg.cache_dir or Path.home() / ".cache" / "shardtrain" / "tokens") / digest
+    if not out.with_suffix(".bin").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"copying {cfg.source} to {out}.bin (once)")
+        for suffix in (".json", ".bin"):  # the .bin last: it marks a complete copy
+            remote = cfg.source[: -len(".bin")] + suffix
+            tmp = out.with_name(f"{out.name}{suffix}.{os.getpid()}.tmp")
+            with fsspec.open(remote, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(64 << 20):
+                    dst.write(chunk)
+            tmp.rename(out.with_suffix(suffix))
+    return out.with_suffix(".bin")
+
+
 def token_stream(cfg: DataConfig, eval_tokens: int) -> TokenStream:
     """The stream `cfg.source` names: 'embedded', a token file (.bin) or text shards."""
     if cfg.source == "embedded":
         return embedded_corpus()
-    if cfg.source.endswith(".bin") and "://" not in cfg.source:
-        return load_token_file(cfg.source, eval_tokens)
+    if cfg.source.endswith(".bin"):
+        local = cfg.source if "://" not in cfg.source else local_copy(cfg)
+        return load_token_file(local, eval_tokens)
     if not any(s in cfg.source for s in (".parquet", ".pq", ".jsonl", ".json")):
         if not Path(cfg.source).is_dir():
             raise ConfigError(

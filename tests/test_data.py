@@ -127,3 +127,22 @@ def test_hugging_face_tokenizer_json(tmp_path):
     with pytest.raises(ConfigError, match="pass its id as --data.eos_id"):
         HFTokenizer(str(tmp_path / "bare.json"))
     assert HFTokenizer(str(tmp_path / "bare.json"), eos_id=1).eos_id == 1
+
+
+def test_remote_sources_through_fsspec(tmp_path, token_file):
+    """fsspec's in-memory file system stands in for s3:// or gs://: same code path."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    path, docs = token_file
+    fs.pipe("/bucket/tokens.bin", path.read_bytes())
+    fs.pipe("/bucket/tokens.json", path.with_suffix(".json").read_bytes())
+    remote = task_on("memory://bucket/tokens.bin", cache_dir=str(tmp_path / "cache"))
+    np.testing.assert_array_equal(
+        remote.train_batch(4)["inputs"], task_on(path).train_batch(4)["inputs"]
+    )
+
+    for i, part in enumerate((DOCS[:100], DOCS[100:])):
+        with fs.open(f"/corpus/part-{i}.parquet", "wb") as f:
+            pq.write_table(pa.table({"text": part}), f)
+    task = task_on("memory://corpus/part-*.parquet", cache_dir=str(tmp_path / "cache"))
+    assert np.concatenate([task.stream.train, task.stream.val]).tobytes() == byte_stream(DOCS)

@@ -111,7 +111,9 @@ def test_loads_straight_into_a_sharded_mesh(tmp_path):
     assert {s.data.shape for s in wq.addressable_shards} == {(3, 32, 4, 16)}  # fsdp x tensor
     with jax.set_mesh(mesh):
         got = np.asarray(jax.jit(lambda m, t: m(t))(ours, jnp.asarray(TOKENS)))
+        sharded = generate(ours, TOKENS[:, :9], Sampling(max_new_tokens=12))
     assert np.abs(got - torch_logits(model, TOKENS)).max() <= 1e-4
+    np.testing.assert_array_equal(sharded, generate(hf.load(path), TOKENS[:, :9], Sampling(12)))
 
 
 @pytest.mark.parametrize(
