@@ -6,7 +6,8 @@ Each process gets `--devices_per_process` virtual CPU devices (default: 8 / N) a
 `--distributed.*` flags of its rank; together they form one mesh across all of them. Process 0
 prints the log; the others print only warnings and errors. If one process fails, the others
 stop on their own within the heartbeat timeout; any still running after `--grace_s` more are
-killed. SIGTERM / SIGINT are passed on to every process. Exit code: the first failure's, or 0.
+killed. SIGTERM or SIGINT (Ctrl-C) reaches every process as SIGTERM: they stop together at the
+same step and save. Exit code: the first failure's, or 0.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def launch(processes: int, train_args: list[str], devices_per_process: int, grac
     ]
 
     def forward(signum, frame):
+        # As SIGTERM: every process then stops at JAX's preemption sync point and saves.
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                p.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
