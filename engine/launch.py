@@ -46,6 +46,7 @@ def launch(processes: int, train_args: list[str], devices_per_process: int, grac
                 f"--distributed.process_id={rank}",
             ],
             env=env,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the launcher alone
         )  # fmt: skip
         for rank in range(processes)
     ]
@@ -73,6 +74,9 @@ def launch(processes: int, train_args: list[str], devices_per_process: int, grac
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        for p in procs:  # the launcher failed itself: leave no process behind
+            if p.poll() is None:
+                p.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
