@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 # Eight virtual CPU devices, before JAX is first imported: every mesh up to 8 runs on a laptop.
 os.environ["XLA_FLAGS"] = (
@@ -32,12 +33,26 @@ def tiny(tmp_path):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+CLI_COMPILATION_CACHE = os.path.join(
+    tempfile.gettempdir(), f"shardtrain-cli-jax-cache-{os.getuid()}"
+)
+
+
+def cli_env(devices: int = 8) -> dict[str, str]:
+    """The environment of a CLI subprocess: `devices` virtual CPU devices, and one persistent
+    compilation cache for all of them, since CLI runs compile the same small programs again and
+    again (a hit returns the same executable: results unchanged, start-up halved)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", CLI_COMPILATION_CACHE)
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    return env
 
 
 def cli(*args, devices=8, background=False):
     """`python -m engine.train ARGS` as a user runs it, with `devices` virtual CPU devices:
     the finished process, or with `background` the running one."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = cli_env(devices)
     command = [sys.executable, "-m", "engine.train", *args]
     if background:
         pipe = subprocess.PIPE

@@ -2,7 +2,6 @@
 one process, a resume on another process count, and survivors that stop when a peer dies."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, cli
+from conftest import ROOT, cli, cli_env
 
 from engine.launch import free_port
 
@@ -35,8 +34,8 @@ def test_two_processes_match_one_sigterm_saves_and_resume_on_one(tmp_path, one_p
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "engine.launch", "--processes=2", "--", *RUN, "--steps=10",
                "--checkpoint.every=100", f"--run_dir={run_dir}"]  # fmt: skip
-    two = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)  # fmt: skip
+    two = subprocess.Popen(command, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
     wait_for_records(run_dir, 4, [two])
     two.send_signal(signal.SIGTERM)  # passed on to both: they agree on a step, save, exit 0
     out, err = two.communicate(timeout=300)
@@ -66,8 +65,7 @@ def wait_for_records(run_dir, count, procs, timeout=300):
 
 def test_a_dead_peer_stops_the_other_process_within_the_heartbeat_bound(tmp_path):
     run_dir, port = tmp_path / "run", free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")  # fmt: skip
+    env = dict(cli_env(devices=4), JAX_PLATFORMS="cpu")
     procs = [
         subprocess.Popen(
             [
