@@ -42,31 +42,17 @@ def config(name: str) -> LlamaConfig:
 def write_random(cfg: LlamaConfig, out: Path) -> None:
     """A bf16 HF directory with random weights, written tensor by tensor."""
     import ml_dtypes
+    from flax import nnx
 
-    from engine.hf import LAYER, TOP, _hf_shape, config_to_hf, write_safetensors
+    from engine.hf import config_to_hf, hf_tensors, write_safetensors
+    from models import Llama
 
     out.mkdir(parents=True)
-    tensors = {}
-    for path, (name, _, _) in TOP.items():
-        shape = (cfg.d_model, cfg.vocab_size) if path == ("head",) else None
-        shape = shape or ((cfg.vocab_size, cfg.d_model) if path == ("embed",) else (cfg.d_model,))
-        tensors[name] = (_hf_shape(path, shape, cfg), ml_dtypes.bfloat16)
-    stacked = {
-        ("attn_norm", "scale"): (cfg.d_model,), ("mlp_norm", "scale"): (cfg.d_model,),
-        ("wq",): (cfg.d_model, cfg.n_heads, cfg.head_dim),
-        ("wk",): (cfg.d_model, cfg.n_kv_heads, cfg.head_dim),
-        ("wv",): (cfg.d_model, cfg.n_kv_heads, cfg.head_dim),
-        ("wo",): (cfg.n_heads, cfg.head_dim, cfg.d_model),
-        ("w_gate",): (cfg.d_model, cfg.d_ff), ("w_up",): (cfg.d_model, cfg.d_ff),
-        ("w_down",): (cfg.d_ff, cfg.d_model),
-    }  # fmt: skip
-    for key, shape in stacked.items():
-        for layer in range(cfg.n_layers):
-            hf_shape = _hf_shape(("layers", *key), (cfg.n_layers, *shape), cfg)
-            tensors[f"model.layers.{layer}.{LAYER[key][0]}"] = (hf_shape, ml_dtypes.bfloat16)
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))))
+    shapes = {name: (t[0], ml_dtypes.bfloat16) for name, t in hf_tensors(abstract, cfg).items()}
     rng = np.random.default_rng(0)
-    write_safetensors(out / "model.safetensors", tensors,
-                      lambda n: rng.standard_normal(tensors[n][0], np.float32) * 0.02)  # fmt: skip
+    write_safetensors(out / "model.safetensors", shapes,
+                      lambda n: rng.standard_normal(shapes[n][0], np.float32) * 0.02)  # fmt: skip
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, "bfloat16")))
 
 

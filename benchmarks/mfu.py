@@ -169,18 +169,14 @@ def memory(preset: str) -> None:
                     model=dataclasses.replace(base.model, remat=remat),
                     optim=dataclasses.replace(base.optim, microbatches=accum),
                 )
-                mem = setup(cfg, init=False).train_step.memory_analysis()
+                run = setup(cfg, init=False)
+                mem = run.train_step.memory_analysis()
                 args, temp = mem.argument_size_in_bytes / 1e9, mem.temp_size_in_bytes / 1e9
                 print(
-                    f"{describe_mesh_config(mesh):>22} | {remat:>13} | "
+                    f"{describe_mesh(run.mesh):>22} | {remat:>13} | "
                     f"{f'{accum} x {cfg.batch_size // accum}':>13} | "
                     f"{args:7.2f} | {temp:7.2f} | {args + temp:8.2f}"
                 )
-
-
-def describe_mesh_config(mesh: MeshConfig) -> str:
-    sizes = dataclasses.asdict(mesh)
-    return " x ".join(f"{k}={v}" for k, v in sizes.items() if v != 1) or "1 device"
 
 
 def main() -> None:

@@ -197,6 +197,26 @@ def find_params(path: str | Path) -> Path:
     return path / "params"
 
 
+def load_model(path: str | Path):
+    """The Llama of a run directory, checkpoint or params export (its newest params, on one
+    device) and the config dict it was written with: inference and conversion."""
+    from flax import nnx
+
+    from models import Llama, LlamaConfig
+
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{path} has no config.json; pass a run directory or params export.")
+    config = json.loads(config_path.read_text())
+    abstract = nnx.eval_shape(lambda: Llama(LlamaConfig(**config["model"]), nnx.Rngs(0)))
+    graphdef, target = nnx.split(abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
+    state = ocp.StandardCheckpointer().restore(find_params(path), target)
+    return nnx.merge(graphdef, state), config
+
+
 def restore_params(path: str | Path, run):
     """Params only (fine-tuning, inference), resharded for `run`'s mesh."""
     layout = Layout(run)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from functools import partial
@@ -52,9 +51,8 @@ def pick(logits, key, s: Sampling):
         logits = jnp.where(logits < kth, floor, logits)
     if s.top_p < 1:
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        mass_before = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1) - jax.nn.softmax(
-            ordered, axis=-1
-        )
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
         # The smallest logit still inside the nucleus (the top token always is).
         cutoff = jnp.min(jnp.where(mass_before < s.top_p, ordered, jnp.inf), axis=-1)
         logits = jnp.where(logits < cutoff[:, None], floor, logits)
@@ -113,25 +111,13 @@ def generate(model: Llama, prompt, sampling: Sampling = Sampling(), use_cache: b
 
 def _from_run(run_dir: Path):
     """The model of a run directory (or params export) and its tokenizer."""
-    import orbax.checkpoint as ocp
-
-    from engine.checkpoint import find_params
+    from engine.checkpoint import load_model
     from engine.config import DataConfig
     from engine.sources import make_tokenizer
 
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir} has no config.json; pass a run directory or params export.")
-    config = json.loads(config_path.read_text())
-    cfg = LlamaConfig(**config["model"])
-    abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
-    graphdef, target = nnx.split(abstract)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          target)  # fmt: skip
-    state = ocp.StandardCheckpointer().restore(find_params(run_dir), target)
+    model, config = load_model(run_dir)
     data = DataConfig(**{k: v for k, v in config.get("data", {}).items() if k != "source"})
-    return nnx.merge(graphdef, state), make_tokenizer(data)
+    return model, make_tokenizer(data)
 
 
 def _from_hf(hf_dir: Path):

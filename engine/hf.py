@@ -260,7 +260,9 @@ def _hf_shape(path, ours_shape, cfg) -> tuple:
     """The HF tensor's shape for one of our params (one layer's, for stacked ones)."""
     table, shape = (LAYER, ours_shape[1:]) if path[0] == "layers" else (TOP, ours_shape)
     key = path[1:] if path[0] == "layers" else path
-    return table[key][2](np.empty(shape, np.int8), cfg).shape
+    # Traced, not run: a real array of the embedding's size just to read a shape is waste.
+    to_hf = table[key][2]
+    return jax.eval_shape(lambda w: to_hf(w, cfg), jax.ShapeDtypeStruct(shape, np.int8)).shape
 
 
 def _key(path) -> tuple[str, ...]:
@@ -299,31 +301,37 @@ def _shard_shape(shape, index) -> tuple:
     return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True))
 
 
+def hf_tensors(params, cfg: LlamaConfig) -> dict[str, tuple]:
+    """HF tensor name -> (HF shape, our leaf, layer index or None, ours -> HF) for a pure-dict
+    param tree in the canonical layout (leaves may be arrays or ShapeDtypeStructs)."""
+    tensors = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        path = _key(path)
+        shape = _hf_shape(path, leaf.shape, cfg)
+        if path[0] == "layers":
+            name, _, to_hf = LAYER[path[1:]]
+            for layer in range(cfg.n_layers):
+                tensors[f"model.layers.{layer}.{name}"] = (shape, leaf, layer, to_hf)
+        else:
+            name, _, to_hf = TOP[path]
+            tensors[name] = (shape, leaf, None, to_hf)
+    return tensors
+
+
 def save_params(params: dict, cfg: LlamaConfig, out: str | Path, dtype: str = "float32") -> Path:
     """Write a pure-dict param tree (canonical layout) as a Hugging Face directory."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = EXPORT_DTYPES[dtype]
-    tensors, sources = {}, {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        path = _key(path)
-        if path[0] == "layers":
-            name, _, to_hf = LAYER[path[1:]]
-            for layer in range(cfg.n_layers):
-                hf = f"model.layers.{layer}.{name}"
-                tensors[hf] = (_hf_shape(path, leaf.shape, cfg), np_dtype)
-                sources[hf] = (leaf, layer, to_hf)
-        else:
-            name, _, to_hf = TOP[path]
-            tensors[name] = (_hf_shape(path, leaf.shape, cfg), np_dtype)
-            sources[name] = (leaf, None, to_hf)
+    tensors = hf_tensors(params, cfg)
 
     def fetch(name):
-        leaf, layer, to_hf = sources[name]
+        _, leaf, layer, to_hf = tensors[name]
         value = np.asarray(leaf if layer is None else leaf[layer])  # one tensor gathered
         return to_hf(value, cfg).astype(np.float32).astype(np_dtype)
 
-    write_safetensors(out / "model.safetensors", tensors, fetch)
+    shapes = {name: (t[0], np_dtype) for name, t in tensors.items()}
+    write_safetensors(out / "model.safetensors", shapes, fetch)
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
     return out
 
@@ -394,37 +402,25 @@ def _import(hf_dir: str, out: str) -> str:
     """HF directory -> a params export (OUT/params + OUT/config.json) for --init_from."""
     import orbax.checkpoint as ocp
 
-    from engine.config import PRESETS
-
     out_path = Path(out).absolute()
     if out_path.exists() and any(out_path.iterdir()):
         raise ConfigError(f"{out_path} exists and is not empty; pass a new directory.")
     model = load(hf_dir)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = nnx.state(model, nnx.Param)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out_path / "params", nnx.state(model, nnx.Param))
+    checkpointer.save(out_path / "params", params)
     checkpointer.wait_until_finished()
-    base = dataclasses.asdict(PRESETS["default"])
-    config = {"model": dataclasses.asdict(model.cfg), "precision": base["precision"]}
+    config = {"model": dataclasses.asdict(model.cfg)}
     (out_path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     count = sum(x.size for x in jax.tree.leaves(params))
     return f"imported {count / 1e6:.1f}M params to {out_path} (--init_from={out_path})"
 
 
 def _export(source: str, out: str, dtype: str) -> str:
-    import orbax.checkpoint as ocp
+    from engine.checkpoint import load_model
 
-    from engine.checkpoint import find_params
-
-    source_path = Path(source)
-    config_path = source_path / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{source} has no config.json; pass a run directory or params export.")
-    cfg = LlamaConfig(**json.loads(config_path.read_text())["model"])
-    abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
-    target = nnx.state(abstract, nnx.Param)
-    params = ocp.StandardCheckpointer().restore(find_params(source_path), target)
-    save_params(nnx.to_pure_dict(params), cfg, out, dtype)
+    model, _ = load_model(source)
+    save(model, out, dtype)
     return f"exported {source} to {out} as a Hugging Face Llama directory ({dtype})"
 
 
