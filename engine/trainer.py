@@ -122,6 +122,22 @@ def _check_batch(cfg: Config, sharding: jax.sharding.NamedSharding, stages: int)
     )
 
 
+def _check_attention(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+    if cfg.task != "lm" or cfg.model.attention != "cudnn":
+        return
+    platform = mesh.devices.flat[0].platform
+    if platform not in ("gpu", "cuda"):  # jax names CUDA devices "gpu"
+        raise ConfigError(
+            f"--model.attention=cudnn runs on NVIDIA GPUs only, and these devices are {platform}; "
+            "use --model.attention=xla."
+        )
+    if POLICIES[cfg.precision].compute_dtype == jnp.float32:
+        raise ConfigError(
+            f"--model.attention=cudnn takes 16-bit inputs, and --precision={cfg.precision} "
+            "computes in float32; use --precision=bf16 (or --model.attention=xla)."
+        )
+
+
 def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = True) -> Run:
     """Mesh, sharded initial state and the once-compiled train and eval steps.
 
@@ -130,6 +146,7 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
     models that would not fit here.
     """
     mesh = make_mesh(cfg.mesh, devices)
+    _check_attention(cfg, mesh)
     stages = mesh.shape["pipeline"]
     if stages > 1 and cfg.task != "lm":
         raise ConfigError(
@@ -302,6 +319,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
         unit="step",
     )
     batches = prefetch(run.task, range(start, cfg.steps), run.rows, cfg.data.prefetch)
+    trace = StepTrace(cfg.run_dir, cfg.log.profile_from if primary else 0, cfg.log.profile_steps)
     last = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
