@@ -4,18 +4,21 @@
     python benchmarks/mfu.py --config default --steps 10            # CPU: same code, small
     python benchmarks/mfu.py --compile_time                         # scan: 4 vs 32 layers
     python benchmarks/mfu.py --memory 1b                            # AOT, 8 virtual devices
+    python benchmarks/mfu.py --config 1b --mesh.data=1 --profile /tmp/p  # + where the time goes
 
 Trains `--steps` steps after `--warmup` and reports the median step time, tokens/s, model
-TFLOP/s per device, MFU (model FLOPs incl. causal attention / datasheet bf16 peak) and HFU
-(plus what the remat policy recomputes, counted from the shapes). In the
+TFLOP/s per device, MFU (model FLOPs incl. causal attention / datasheet bf16 peak), HFU (plus
+what the remat policy recomputes, counted from the shapes) and the device's peak memory. In the
 same process it measures what this device can actually do — a large matmul's TFLOP/s in the
-run's compute dtype and
-a large copy's memory bandwidth — and shows MFU against that matmul ceiling too.
+run's compute dtype and a large copy's memory bandwidth — and shows MFU against that matmul
+ceiling too.
 
 --compile_time compiles the `1b` train step (abstract state, no memory) at 4 and 32 layers:
 layers run under `lax.scan`, so the ratio should stay <= 1.5. --memory PRESET compiles that
 preset for several meshes x remat policies x accumulation steps and prints `memory_analysis()`
-per device: what fits, before renting the hardware.
+per device: what fits, before renting the hardware. --profile traces three more steps with
+jax.profiler (TensorBoard's profile tab opens the directory) and prints the device's busy share
+and top ops. benchmarks/mfu_sweep.py runs variants of one configuration side by side.
 """
 
 from __future__ import annotations
@@ -28,17 +31,19 @@ if ("--memory" in sys.argv or "--compile_time" in sys.argv) and "XLA_FLAGS" not 
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from engine.config import PRESETS, parse_args  # noqa: E402
+from engine.config import PRESETS, ConfigError, parse_args  # noqa: E402
 from engine.metrics import peak_flops  # noqa: E402
 from engine.precision import POLICIES  # noqa: E402
+from engine.profile import StepTrace  # noqa: E402
 from engine.trainer import flops_per_token, setup  # noqa: E402
-from sharding import MeshConfig, describe_mesh  # noqa: E402
+from sharding import MeshConfig, ShardingError, describe_mesh  # noqa: E402
 
 
 def timed(fn, *args, repeats: int = 10) -> float:
@@ -79,7 +84,13 @@ def recompute_flops_per_token(cfg) -> float:
     }[m.remat]
 
 
-def throughput(cfg, steps: int, warmup: int) -> None:
+def peak_memory_gb() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return peak / 1e9 if peak else None
+
+
+def throughput(cfg, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
     run = setup(cfg)
     batch = run.put_batch(run.task.train_batch(0))
     times = []
@@ -91,6 +102,7 @@ def throughput(cfg, steps: int, warmup: int) -> None:
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
+    memory = peak_memory_gb()  # the step's, before the ceilings allocate their own arrays
     devices = run.mesh.size
     tokens = cfg.batch_size * cfg.data.seq_len
     model_flops = flops_per_token(cfg) * tokens / step / devices  # per device
@@ -107,6 +119,7 @@ def throughput(cfg, steps: int, warmup: int) -> None:
         f"model: {cfg.model.num_params() / 1e6:,.1f}M params, {cfg.precision}, remat="
         f"{cfg.model.remat}, attention={cfg.model.attention}, batch {cfg.batch_size}x"
         f"{cfg.data.seq_len} | compile {run.compile_s:.1f}s"
+        + (f" | peak memory {memory:.1f} GB" if memory else "")
     )
     print(
         f"step {step * 1e3:.1f} ms (median of {steps} after {warmup} warm-up) | "
@@ -125,6 +138,27 @@ def throughput(cfg, steps: int, warmup: int) -> None:
     if peak:
         parts.append(f"HFU {hw_flops / peak:.1%}")
     print(" | ".join(parts))
+    if profile_dir:
+        trace = StepTrace(profile_dir, first=1, count=3)
+        for i in range(1, 4):
+            start = time.perf_counter()
+            with trace.annotate(i):
+                state, metrics = run.train_step(state, batch)
+                jax.block_until_ready(metrics)
+            lines = trace.finish(i, time.perf_counter() - start)
+        print("\n".join(lines))
+    return {
+        "device": device,
+        "step_ms": step * 1e3,
+        "tokens_per_s": tokens / step,
+        "model_tflops": model_flops / 1e12,
+        "mfu": model_flops / peak if peak else None,
+        "mfu_of_matmul_ceiling": model_flops / ceiling,
+        "hfu": hw_flops / peak if peak else None,
+        "matmul_ceiling_tflops": ceiling / 1e12,
+        "compile_s": run.compile_s,
+        "peak_memory_gb": memory,
+    }
 
 
 def compile_time() -> None:
@@ -185,13 +219,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile_time", action="store_true")
     parser.add_argument("--memory", default=None, help="preset for the AOT memory table")
+    parser.add_argument("--profile", default=None, help="trace 3 more steps into this directory")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args, rest = parser.parse_known_args()
     if args.compile_time:
         return compile_time()
     if args.memory:
         return memory(args.memory)
-    cfg = parse_args(rest or ["--config", "1b", "--mesh.data=1"])
-    throughput(cfg, args.steps, args.warmup)
+    try:
+        cfg = parse_args(rest or ["--config", "1b", "--mesh.data=1"])
+        record = throughput(cfg, args.steps, args.warmup, args.profile)
+    except (ConfigError, ShardingError) as e:
+        sys.exit(f"error: {e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f)
 
 
 if __name__ == "__main__":

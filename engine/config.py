@@ -93,6 +93,12 @@ class LogConfig:
     """Show a progress bar (on terminals only)."""
     tensorboard: bool = True
     """Write TensorBoard event files into run_dir."""
+    profile_from: int = 0
+    """Trace steps profile_from .. profile_from+profile_steps-1 with jax.profiler into
+    run_dir/plugins/profile (TensorBoard's profile tab) and print where the time went; 0 = off.
+    Process 0 only; skip the first steps, which include compilation and warm-up."""
+    profile_steps: int = 3
+    """Steps in the profiler trace."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +280,7 @@ def validate(cfg: Config) -> None:
         "--data.seq_len": cfg.data.seq_len,
         "--log.every": cfg.log.every,
         "--log.summary_every": cfg.log.summary_every,
+        "--log.profile_steps": cfg.log.profile_steps,
         "--optim.microbatches": cfg.optim.microbatches,
         "--data.eval_batches": cfg.data.eval_batches,
         "--pipeline.repeats": cfg.pipeline.repeats,
@@ -288,6 +295,7 @@ def validate(cfg: Config) -> None:
         "--checkpoint.keep": cfg.checkpoint.keep,
         "--checkpoint.keep_period": cfg.checkpoint.keep_period,
         "--data.prefetch": cfg.data.prefetch,
+        "--log.profile_from": cfg.log.profile_from,
     }
     for flag, value in positive.items():
         if value <= 0:

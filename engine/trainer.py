@@ -26,6 +26,7 @@ from engine.distributed import is_primary
 from engine.metrics import MetricsWriter, mfu, peak_flops
 from engine.optim import make_optimizer
 from engine.precision import POLICIES, LossScale
+from engine.profile import StepTrace
 from engine.step import TrainState, make_eval_step, make_train_step
 from models import Llama, MLPClassifier
 from sharding import (
@@ -329,11 +330,14 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
             data_wait = time.perf_counter() - waited
             if done in cfg.debug.nan_steps:
                 batch = _poison(batch)
-            run.state, metrics = run.train_step(run.state, run.put_batch(batch))
-            # Waiting on every step keeps timing honest (and CPU collectives from piling up).
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            with trace.annotate(done):
+                run.state, metrics = run.train_step(run.state, run.put_batch(batch))
+                # Waiting on every step keeps timing honest (and CPU collectives from piling up).
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
             step_time, last = now - last, now
+            for line in trace.finish(done, step_time):
+                log(line)
             record = {
                 "step": done,
                 **metrics,
@@ -380,6 +384,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
             ckpt.close()
         if stop:
             stop.restore()
+        trace.close()
         bar.close()
         writer.close()
 

@@ -1,0 +1,145 @@
+"""Profiler traces of a few train steps, and what they say in a few lines.
+
+`jax.profiler.trace(run_dir)` writes `run_dir/plugins/profile/<time>/<host>.xplane.pb`, which
+TensorBoard's profile tab (and xprof / Perfetto) opens next to the run's scalars. `summarize`
+reads the same file with `jax.profiler.ProfileData` and answers the first two questions of any
+speed work without a UI: how much of each step the device was busy (the rest is host overhead,
+data waits or launch gaps), and which ops took the time.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+
+import jax
+
+# Device-side timelines: per-HLO-op events where the backend writes them, else raw kernels.
+_OP_LINES = ("XLA Ops",)
+_KERNEL_LINE_PREFIX = "Stream"
+# The CPU backend runs thunks on its client's and its Eigen pool's threads, under executor
+# events that only wait.
+_CPU_LINE_PREFIX = "tf_XLA"
+_MARKERS = ("ThreadpoolListener", "end: ")
+
+
+def latest_trace(log_dir: str) -> str | None:
+    """The newest xplane.pb that `jax.profiler.trace(log_dir)` wrote, or None."""
+    files = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.xplane.pb"))
+    return max(files, key=os.path.getmtime) if files else None
+
+
+def _leaves(line) -> list:
+    """The line's events that contain no other (a while loop's body ops, not the loop)."""
+    events = sorted(
+        (e for e in line.events if e.duration_ns > 0 and not e.name.startswith(_MARKERS)),
+        key=lambda e: (e.start_ns, -e.duration_ns),
+    )
+    return [
+        e
+        for e, after in zip(events, [*events[1:], None], strict=True)
+        if after is None or after.start_ns >= e.start_ns + e.duration_ns
+    ]
+
+
+def _timelines(data) -> tuple[str, list]:
+    """(where, op events) of the first device's op timeline; of the host's XLA threads on CPU,
+    where virtual devices share the threads."""
+    devices = sorted(
+        (p for p in data.planes if p.name.startswith("/device:")), key=lambda p: p.name
+    )
+    for plane in devices[:1]:
+        for names, what in ((_OP_LINES, "XLA ops"), (None, "kernels")):
+            events = [
+                e
+                for line in plane.lines
+                if (line.name in names if names else line.name.startswith(_KERNEL_LINE_PREFIX))
+                for e in _leaves(line)
+            ]
+            if events:
+                return f"{what} on {plane.name}", events
+    events = [
+        e
+        for plane in data.planes
+        if plane.name == "/host:CPU"
+        for line in plane.lines
+        if line.name.startswith(_CPU_LINE_PREFIX)
+        for e in _leaves(line)
+        if not e.name.startswith("ThunkExecutor")
+    ]
+    return "XLA thunks on the host", events
+
+
+def _busy_ns(events) -> float:
+    """Length of the union of the events' intervals: time with at least one op running."""
+    busy, end = 0.0, -1.0
+    for e in sorted(events, key=lambda e: e.start_ns):
+        start, stop = e.start_ns, e.start_ns + e.duration_ns
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy
+
+
+def summarize(trace_file: str, steps: int, step_s: float, top: int = 12) -> list[str]:
+    """Lines: device busy share of `steps` steps of `step_s` seconds, then the `top` ops by time.
+
+    Op names are the compiled program's (fusion.12, custom-call.3, ...): look them up in the
+    TensorBoard profile or an XLA dump. A scanned layer's ops repeat once per layer, so their
+    time is summed over layers."""
+    where, events = _timelines(jax.profiler.ProfileData.from_file(trace_file))
+    if not events:
+        return [f"profile {trace_file}: no op events found"]
+    total = collections.Counter()
+    count = collections.Counter()
+    for e in events:
+        total[e.name] += e.duration_ns
+        count[e.name] += 1
+    step_ns = step_s * 1e9
+    busy = _busy_ns(events) / steps
+    lines = [
+        f"profile ({where}, {steps} steps, {trace_file}): busy {busy / 1e6:.1f} of "
+        f"{step_ns / 1e6:.1f} ms per step ({busy / step_ns:.1%}); top ops by time per step:",
+        f"{'ms/step':>9} {'share':>6} {'calls':>6}  op",
+    ]
+    for name, ns in total.most_common(top):
+        lines.append(
+            f"{ns / steps / 1e6:9.2f} {ns / steps / step_ns:6.1%} {count[name] // steps:6d}  "
+            f"{name[:90]}"
+        )
+    return lines
+
+
+class StepTrace:
+    """Traces steps `first` .. `first + count - 1` (1-based) of a training loop into `log_dir`;
+    first = 0: traces nothing."""
+
+    def __init__(self, log_dir: str, first: int, count: int):
+        self.log_dir, self.first, self.last = log_dir, first, first + count - 1
+        self.active, self.seconds = False, []
+
+    def annotate(self, step: int):
+        """Context for one step: starts the trace at `first`, marks the step for TensorBoard."""
+        if step == self.first:
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+        return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+    def finish(self, step: int, step_s: float) -> list[str]:
+        """After a step has completed: at `last`, stops the trace and returns its summary."""
+        if not self.active:
+            return []
+        self.seconds.append(step_s)
+        if step < self.last:
+            return []
+        self.close()
+        trace = latest_trace(self.log_dir)
+        if trace is None:
+            return [f"profile: no trace written under {self.log_dir}"]
+        return summarize(trace, len(self.seconds), sum(self.seconds) / len(self.seconds))
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
