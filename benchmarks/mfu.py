@@ -183,12 +183,17 @@ def compile_time() -> None:
 def memory(preset: str) -> None:
     base = PRESETS[preset]
     n = jax.device_count()
-    meshes = [MeshConfig(data=1, fsdp=n), MeshConfig(data=2, fsdp=n // 2),
-              MeshConfig(data=1, fsdp=n // 2, tensor=2)]  # fmt: skip
+    # One device first: the single-GPU MFU run's budget.
+    meshes = [
+        MeshConfig(data=1, fsdp=1),
+        MeshConfig(data=1, fsdp=n),
+        MeshConfig(data=2, fsdp=n // 2),
+        MeshConfig(data=1, fsdp=n // 2, tensor=2),
+    ]
     print(
         f"per-device memory, '{preset}' ({base.model.num_params() / 1e9:.2f}B params, "
-        f"{base.precision}, batch {base.batch_size}x{base.data.seq_len}), {n} x "
-        f"{jax.devices()[0].device_kind}, compiled ahead of time"
+        f"{base.precision}, batch {base.batch_size}x{base.data.seq_len}), on 1 and {n} "
+        f"{jax.devices()[0].device_kind} devices, compiled ahead of time"
     )
     print(f"{'mesh':>22} | {'remat':>13} | accum x batch | {'args GB':>7} | {'temp GB':>7} | total")
     for mesh in meshes:
@@ -203,7 +208,7 @@ def memory(preset: str) -> None:
                     model=dataclasses.replace(base.model, remat=remat),
                     optim=dataclasses.replace(base.optim, microbatches=accum),
                 )
-                run = setup(cfg, init=False)
+                run = setup(cfg, jax.devices()[: mesh.fsdp * mesh.data * mesh.tensor], init=False)
                 mem = run.train_step.memory_analysis()
                 args, temp = mem.argument_size_in_bytes / 1e9, mem.temp_size_in_bytes / 1e9
                 print(
