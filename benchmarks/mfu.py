@@ -69,19 +69,22 @@ def bandwidth_ceiling(bytes_: int) -> float:
 
 def recompute_flops_per_token(cfg) -> float:
     """FLOPs the remat policy adds per token (HFU - MFU): the layers' forward again for
-    `full`; the attention score/value matmuls (they have batch dims) for `dots_no_batch`.
+    `full`; the attention score/value matmuls (they have batch dims) for `dots_no_batch`; the
+    output layer's forward with loss chunks.
     Counted from the shapes: XLA's cost analysis counts a scanned layer once, not per layer."""
     m = cfg.model
     layer_matmuls = m.n_layers * (
         m.d_model * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.d_model * m.d_ff
     )
     attention_forward = 2 * m.n_layers * cfg.data.seq_len * m.n_heads * m.head_dim
-    return {
+    output_layer = 2 * m.d_model * m.vocab_size if m.loss_chunks > 1 else 0.0
+    policy = {
         "none": 0.0,
         "dots": 0.0,
         "dots_no_batch": attention_forward,
         "full": 2 * layer_matmuls + attention_forward,
-    }[m.remat]
+    }
+    return policy[m.remat] + output_layer
 
 
 def peak_memory_gb() -> float | None:

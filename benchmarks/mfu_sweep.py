@@ -35,12 +35,15 @@ CUBLAS = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}  # XLA picks Triton
 def variants(batch_size: int) -> list[tuple[str, list[str], dict[str, str]]]:
     """(name, flags added to the base configuration's, environment) of each variant."""
     double = f"--batch_size={2 * batch_size}"
+    chunks = "--model.loss_chunks=8"  # 1/8 of the logits alive at a time
+    none, full = "--model.remat=none", "--model.remat=full"
     return [
         ("as configured", [], {}),
         ("attention=cudnn", [CUDNN], {}),
-        ("cudnn, remat=none", [CUDNN, "--model.remat=none"], {}),
-        ("cudnn, batch x2", [CUDNN, double], {}),
-        ("cudnn, remat=full, batch x2", [CUDNN, "--model.remat=full", double], {}),
+        ("cudnn, remat=none", [CUDNN, none], {}),
+        ("cudnn, remat=none, loss chunks", [CUDNN, none, chunks], {}),
+        ("cudnn, batch x2, loss chunks", [CUDNN, double, chunks], {}),
+        ("cudnn, remat=full, batch x2", [CUDNN, full, double], {}),
         ("cudnn, cuBLAS for all gemms", [CUDNN], CUBLAS),
     ]
 

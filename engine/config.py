@@ -285,6 +285,7 @@ def validate(cfg: Config) -> None:
         "--data.eval_batches": cfg.data.eval_batches,
         "--pipeline.repeats": cfg.pipeline.repeats,
         "--nan_skip_limit": cfg.nan_skip_limit,
+        "--model.loss_chunks": cfg.model.loss_chunks,
     }
     non_negative = {
         "--eval_every": cfg.eval_every,
@@ -303,3 +304,8 @@ def validate(cfg: Config) -> None:
     for flag, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{flag}={value} must not be negative.")
+    if cfg.task == "lm" and cfg.data.seq_len % cfg.model.loss_chunks:
+        raise ConfigError(
+            f"--model.loss_chunks={cfg.model.loss_chunks} does not divide "
+            f"--data.seq_len={cfg.data.seq_len}; use a divisor of the sequence length."
+        )

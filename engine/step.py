@@ -39,11 +39,37 @@ def cross_entropy(logits, targets, mask):
     return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(correct * mask)
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, policy: Policy):
+def chunked_cross_entropy(logits_fn, x, targets, mask, chunks: int):
+    """`cross_entropy(logits_fn(x), ...)` over `chunks` pieces of the sequence in turn, each
+    piece's logits recomputed in the backward pass: only [batch, length/chunks, vocab] logits
+    exist at a time."""
+    b, t = targets.shape
+    pieces = lambda a: a.reshape(b, chunks, t // chunks, *a.shape[2:]).swapaxes(0, 1)  # noqa: E731
+
+    @jax.checkpoint
+    def piece(totals, xs):
+        x, targets, mask = xs
+        return jax.tree.map(jnp.add, totals, cross_entropy(logits_fn(x), targets, mask)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    totals, _ = jax.lax.scan(piece, (zero, zero, zero), (pieces(x), pieces(targets), pieces(mask)))
+    return totals
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1):
+    """Summed loss, counted tokens and correct predictions of a batch; with `loss_chunks` > 1
+    (a sequence model: `features` then `logits`) the output layer runs in pieces."""
+
     def loss_fn(params, batch: Batch):
         model = nnx.merge(graphdef, policy.cast_to_compute(params))
-        logits = policy.cast_to_output(model(policy.cast_to_compute(batch["inputs"])))
-        return cross_entropy(logits, batch["targets"], batch["mask"])
+        inputs = policy.cast_to_compute(batch["inputs"])
+        if loss_chunks == 1:
+            logits = policy.cast_to_output(model(inputs))
+            return cross_entropy(logits, batch["targets"], batch["mask"])
+        logits_fn = lambda x: policy.cast_to_output(model.logits(x))  # noqa: E731
+        return chunked_cross_entropy(
+            logits_fn, model.features(inputs), batch["targets"], batch["mask"], loss_chunks
+        )
 
     return loss_fn
 
@@ -71,12 +97,13 @@ def make_train_step(
     microbatches: int = 1,
     batch_sharding: NamedSharding | None = None,
     skip_nonfinite: bool = False,
+    loss_chunks: int = 1,
 ):
     """`tx` is the update rule (AdamW); the step itself clips to `clip_norm` (0 = off). With
     `skip_nonfinite` (always under loss scaling) a step whose loss or gradient is not finite
     keeps the old params and optimizer state and reports `skipped: 1`."""
     skip_nonfinite = skip_nonfinite or policy.loss_scaling
-    loss_fn = make_loss_fn(graphdef, policy)
+    loss_fn = make_loss_fn(graphdef, policy, loss_chunks)
 
     def scaled_loss(params, batch, scale):
         loss_sum, count, correct = loss_fn(params, batch)
@@ -129,8 +156,8 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, policy: Policy):
-    loss_fn = make_loss_fn(graphdef, policy)
+def make_eval_step(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1):
+    loss_fn = make_loss_fn(graphdef, policy, loss_chunks)
 
     def eval_step(params, batch: Batch):
         loss_sum, count, correct = loss_fn(params, batch)

@@ -146,6 +146,7 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
     abstract (shapes and shardings only): enough to compile and read `memory_analysis()` for
     models that would not fit here.
     """
+    validate(cfg)
     mesh = make_mesh(cfg.mesh, devices)
     _check_attention(cfg, mesh)
     stages = mesh.shape["pipeline"]
@@ -192,11 +193,12 @@ def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = Tru
         with jax.set_mesh(mesh), axis_rules(rules):
             state = jax.jit(init_fn, out_shardings=state_shardings)()
 
+    chunks = cfg.model.loss_chunks if cfg.task == "lm" else 1
     train_fn = make_train_step(
         graphdef, tx, schedule, policy, cfg.optim.clip_norm, cfg.optim.microbatches,
-        batch_shardings["inputs"], skip_nonfinite=cfg.nan_policy == "skip",
+        batch_shardings["inputs"], skip_nonfinite=cfg.nan_policy == "skip", loss_chunks=chunks,
     )  # fmt: skip
-    eval_fn = make_eval_step(graphdef, policy)
+    eval_fn = make_eval_step(graphdef, policy, chunks)
     replicated = NamedSharding(mesh, P())  # scalar metrics, readable on every host
     start = time.perf_counter()
     with jax.set_mesh(mesh), axis_rules(rules):
@@ -271,7 +273,6 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
         from engine import hf
 
         cfg = hf.model_config(cfg)
-    validate(cfg)
     run = setup(cfg, devices)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

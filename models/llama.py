@@ -49,6 +49,10 @@ class LlamaConfig:
     attention: Literal["xla", "cudnn"] = "xla"
     """xla: attention as einsums; cudnn: jax.nn.dot_product_attention's fused kernel (GPU,
     bf16/fp16 only)."""
+    loss_chunks: int = 1
+    """Training: run the output layer and loss over this many pieces of the sequence, each
+    recomputed in the backward pass, so [batch, length, vocab] logits never exist at once
+    (large vocabularies: less memory for one more output-layer matmul)."""
 
     def matmul_params(self) -> int:
         """Weights that enter a matmul per token (the embedding lookup does not; the head does)."""
@@ -256,9 +260,12 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens):
         """Logits [batch, length, vocab] for integer `tokens` [batch, length]."""
+        return self.logits(self.features(tokens))
+
+    def features(self, tokens):
+        """The last layer's output [batch, length, d_model], before the output layer."""
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.layer_runner(self.layers, self._embed(tokens), positions)
-        return self._logits(x)
+        return self.layer_runner(self.layers, self._embed(tokens), positions)
 
     def decode(self, tokens, positions, cache):
         """Logits for `tokens` [B,T] at `positions` [B,T] that also read and extend a KV cache
@@ -272,14 +279,14 @@ class Llama(nnx.Module):
             return nnx.merge(graphdef, params)(x, positions, (k, v, start))
 
         x, (k_all, v_all) = jax.lax.scan(layer, self._embed(tokens), (stacked, k_all, v_all))
-        return self._logits(x), (k_all, v_all)
+        return self.logits(x), (k_all, v_all)
 
     def _embed(self, tokens):
         # Gather whole rows: a lookup into a table split along `embed` reshards badly.
         table = constrain(self.embed[...], ("vocab", None))
         return constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
 
-    def _logits(self, x):
+    def logits(self, x):
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...])

@@ -123,6 +123,7 @@ def test_corrupt_config_file_is_one_clear_error(tmp_path):
         (["--data.source=notes.txt"], "is not 'embedded', a token file (.bin), or Parquet/JSONL"),
         (["--data.prefetch=-1"], "--data.prefetch=-1 must not be negative"),
         (["--model.attention=cudnn"], "--model.attention=cudnn runs on NVIDIA GPUs only"),
+        (["--model.loss_chunks=3"], "--model.loss_chunks=3 does not divide --data.seq_len=64"),
         (["--distributed.num_processes=2"], "A multi-process run needs all of"),
         (["--data.source=tests/vocab1000.bin"], "has 1000 token ids but --model.vocab_size=256"),
     ],
