@@ -3,7 +3,7 @@
     python benchmarks/mfu.py --config 1b --mesh.data=1              # one GPU: bf16, 8 x 2048
     python benchmarks/mfu.py --config default --steps 10            # CPU: same code, small
     python benchmarks/mfu.py --compile_time                         # scan: 4 vs 32 layers
-    python benchmarks/mfu.py --memory 1b                            # AOT, 8 virtual devices
+    python benchmarks/mfu.py --memory --config 1b                   # AOT, 1 and 8 CPU devices
     python benchmarks/mfu.py --config 1b --mesh.data=1 --profile /tmp/p  # + where the time goes
 
 Trains `--steps` steps after `--warmup` and reports the median step time, tokens/s, model
@@ -14,11 +14,12 @@ run's compute dtype and a large copy's memory bandwidth — and shows MFU agains
 ceiling too.
 
 --compile_time compiles the `1b` train step (abstract state, no memory) at 4 and 32 layers:
-layers run under `lax.scan`, so the ratio should stay <= 1.5. --memory PRESET compiles that
-preset for several meshes x remat policies x accumulation steps and prints `memory_analysis()`
-per device: what fits, before renting the hardware. --profile traces three more steps with
-jax.profiler (TensorBoard's profile tab opens the directory) and prints the device's busy share
-and top ops. benchmarks/mfu_sweep.py runs variants of one configuration side by side.
+layers run under `lax.scan`, so the ratio should stay <= 1.5. --memory compiles the
+configuration for several meshes x remat policies x accumulation steps and prints
+`memory_analysis()` per device: what fits, before renting the hardware. --profile traces
+three more steps with jax.profiler (TensorBoard's profile tab opens the directory) and prints
+the device's busy share and top ops. benchmarks/mfu_sweep.py runs variants of one
+configuration side by side.
 """
 
 from __future__ import annotations
@@ -183,8 +184,7 @@ def compile_time() -> None:
     print(f"compile time 32 / 4 layers: {seconds[32] / seconds[4]:.2f} (goal <= 1.5)")
 
 
-def memory(preset: str) -> None:
-    base = PRESETS[preset]
+def memory(base) -> None:
     n = jax.device_count()
     # One device first: the single-GPU MFU run's budget.
     meshes = [
@@ -194,8 +194,9 @@ def memory(preset: str) -> None:
         MeshConfig(data=1, fsdp=n // 2, tensor=2),
     ]
     print(
-        f"per-device memory, '{preset}' ({base.model.num_params() / 1e9:.2f}B params, "
-        f"{base.precision}, batch {base.batch_size}x{base.data.seq_len}), on 1 and {n} "
+        f"per-device memory ({base.model.num_params() / 1e9:.2f}B params, {base.precision}, "
+        f"batch {base.batch_size}x{base.data.seq_len}, loss_chunks {base.model.loss_chunks}), "
+        f"on 1 and {n} "
         f"{jax.devices()[0].device_kind} devices, compiled ahead of time"
     )
     print(f"{'mesh':>22} | {'remat':>13} | accum x batch | {'args GB':>7} | {'temp GB':>7} | total")
@@ -226,16 +227,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile_time", action="store_true")
-    parser.add_argument("--memory", default=None, help="preset for the AOT memory table")
+    parser.add_argument("--memory", action="store_true", help="the AOT memory table")
     parser.add_argument("--profile", default=None, help="trace 3 more steps into this directory")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args, rest = parser.parse_known_args()
     if args.compile_time:
         return compile_time()
-    if args.memory:
-        return memory(args.memory)
     try:
         cfg = parse_args(rest or ["--config", "1b", "--mesh.data=1"])
+        if args.memory:
+            return memory(cfg)
         record = throughput(cfg, args.steps, args.warmup, args.profile)
     except (ConfigError, ShardingError) as e:
         sys.exit(f"error: {e}")

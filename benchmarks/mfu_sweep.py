@@ -1,7 +1,7 @@
 """Variants of one training configuration side by side: which knob buys how much MFU.
 
     python benchmarks/mfu_sweep.py --config 1b --mesh.data=1 --out $OUT     # one GPU
-    python benchmarks/mfu_sweep.py --config tiny --steps 3 --only 0,2       # CPU: the mechanics
+    python benchmarks/mfu_sweep.py --config default --attention xla         # CPU: the mechanics
 
 Each variant (attention kernel, remat policy, batch, XLA flags: see `variants`) runs
 benchmarks/mfu.py in a fresh process, so XLA flags apply and no memory is left over from the
@@ -28,23 +28,23 @@ from engine.config import parse_args  # noqa: E402
 
 # The line that says why a variant failed: an exception, XLA's out-of-memory status, our errors.
 ERROR = re.compile(r"^[\w.]*(Error|Exception)\b|RESOURCE_EXHAUSTED|^error:|timed out")
-CUDNN = "--model.attention=cudnn"
 CUBLAS = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}  # XLA picks Triton for some gemms
 
 
-def variants(batch_size: int) -> list[tuple[str, list[str], dict[str, str]]]:
+def variants(batch_size: int, attention: str) -> list[tuple[str, list[str], dict[str, str]]]:
     """(name, flags added to the base configuration's, environment) of each variant."""
+    attn = f"--model.attention={attention}"
     double = f"--batch_size={2 * batch_size}"
     chunks = "--model.loss_chunks=8"  # 1/8 of the logits alive at a time
     none, full = "--model.remat=none", "--model.remat=full"
     return [
         ("as configured", [], {}),
-        ("attention=cudnn", [CUDNN], {}),
-        ("cudnn, remat=none", [CUDNN, none], {}),
-        ("cudnn, remat=none, loss chunks", [CUDNN, none, chunks], {}),
-        ("cudnn, batch x2, loss chunks", [CUDNN, double, chunks], {}),
-        ("cudnn, remat=full, batch x2", [CUDNN, full, double], {}),
-        ("cudnn, cuBLAS for all gemms", [CUDNN], CUBLAS),
+        (attention, [attn], {}),
+        (f"{attention}, remat=none", [attn, none], {}),
+        (f"{attention}, remat=none, loss chunks", [attn, none, chunks], {}),
+        (f"{attention}, batch x2, loss chunks", [attn, double, chunks], {}),
+        (f"{attention}, remat=full, batch x2", [attn, full, double], {}),
+        (f"{attention}, cuBLAS for all gemms", [attn], CUBLAS),
     ]
 
 
@@ -100,9 +100,11 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated variant numbers")
     parser.add_argument("--out", default=None, help="directory for sweep.log and sweep.jsonl")
     parser.add_argument("--variant_timeout", type=float, default=300)
+    parser.add_argument("--attention", default="cudnn", choices=["cudnn", "xla"])
     args, base = parser.parse_known_args()
     base = base or ["--config", "1b", "--mesh.data=1"]
-    chosen = list(enumerate(variants(parse_args(base).batch_size)))
+    # Configuration only: a device touched here would hold GPU memory the variants need.
+    chosen = list(enumerate(variants(parse_args(base).batch_size, args.attention)))
     if args.only:
         keep = {int(i) for i in args.only.split(",")}
         chosen = [(i, v) for i, v in chosen if i in keep]

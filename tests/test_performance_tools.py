@@ -61,6 +61,6 @@ def test_mfu_sweep_reports_each_variant_and_survives_a_failing_one(tmp_path):
     assert rows[0].split()[:3] == ["0", "as", "configured"]
     assert float(rows[0].split()[3]) > 0  # step ms
     # cuDNN attention needs a GPU: on CPU the variant fails with our one-sentence reason.
-    assert rows[1].startswith(" 1 attention=cudnn") and "runs on NVIDIA GPUs only" in rows[1]
+    assert rows[1].startswith(" 1 cudnn ") and "runs on NVIDIA GPUs only" in rows[1]
     logged = (tmp_path / "sweep.jsonl").read_text().splitlines()
     assert len(logged) == 2 and '"tokens_per_s"' in logged[0] and '"error"' in logged[1]
