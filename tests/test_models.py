@@ -11,6 +11,7 @@ from flax import nnx
 from engine.config import PRESETS
 from engine.trainer import flops_per_token, setup, train
 from models import LLAMA_PRESETS, Llama
+from models.llama import attention
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -70,3 +71,15 @@ def test_flops_per_token_matches_xla_cost_analysis():
     xla_per_token = cost["flops"] * run.mesh.size / (cfg.batch_size * cfg.data.seq_len)
     masked_half = 6 * cfg.data.seq_len * model.n_heads * model.head_dim
     assert xla_per_token == pytest.approx(flops_per_token(cfg) + masked_half, rel=0.03)
+
+
+def test_einsum_attention_is_the_function_cudnn_computes():
+    """`--model.attention=cudnn` hands q, k, v to jax.nn.dot_product_attention as they are;
+    its reference (XLA) implementation must agree with our einsum attention, grouped-query
+    layout and causal mask included, so switching kernels on a GPU changes speed only."""
+    q, k, v = (
+        jax.random.normal(key, (2, 16, heads, 8))
+        for key, heads in zip(jax.random.split(jax.random.key(0), 3), (8, 2, 2), strict=True)
+    )
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(attention(q, k, v, "xla"), want, atol=1e-5)
