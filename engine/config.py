@@ -47,6 +47,9 @@ class DataConfig:
     Token files and text shards hold out their last tokens for this."""
     prefetch: int = 4
     """Batches built ahead by background threads, so the devices never wait; 0 = in the loop."""
+    document_mask: bool = False
+    """Packed documents attend only to themselves (segment ids cut at each end-of-document
+    token); off: attention crosses document boundaries, as GPT-style packing does."""
 
 
 @dataclasses.dataclass(frozen=True)

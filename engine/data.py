@@ -25,15 +25,22 @@ from engine.sources import TokenStream, token_stream
 Batch = dict[str, np.ndarray]
 
 
-def pack(tokens: np.ndarray, starts: np.ndarray, seq_len: int, eos_id: int) -> Batch:
-    """Windows of `seq_len + 1` tokens at `starts`: inputs, next-token targets, loss mask."""
+def pack(
+    tokens: np.ndarray, starts: np.ndarray, seq_len: int, eos_id: int, segments: bool = False
+) -> Batch:
+    """Windows of `seq_len + 1` tokens at `starts`: inputs, next-token targets, loss mask; with
+    `segments`, each input's document number within its row (an end token closes its own)."""
     chunk = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
     inputs = chunk[:, :-1]
-    return {
+    ends = inputs == eos_id
+    batch = {
         "inputs": inputs,
         "targets": chunk[:, 1:],
-        "mask": (inputs != eos_id).astype(np.float32),  # a target across a document boundary
+        "mask": (~ends).astype(np.float32),  # a target across a document boundary
     }
+    if segments:
+        batch["segments"] = (np.cumsum(ends, axis=1) - ends).astype(np.int32)
+    return batch
 
 
 class TextTask:
@@ -41,7 +48,7 @@ class TextTask:
 
     def __init__(self, data: DataConfig, batch_size: int, seed: int):
         self.seq_len, self.batch_size = data.seq_len, batch_size
-        self.eval_batches = data.eval_batches
+        self.eval_batches, self.segments = data.eval_batches, data.document_mask
         eval_tokens = (batch_size * data.eval_batches + 1) * data.seq_len + 1
         self.stream: TokenStream = token_stream(data, eval_tokens)
         self.vocab_size, self.tokens_per_example = self.stream.vocab_size, data.seq_len
@@ -56,7 +63,7 @@ class TextTask:
     def train_batch(self, step: int, rows: range | None = None) -> Batch:
         rows = range(self.batch_size) if rows is None else rows
         starts = self.sample_ids(step, rows) * self.seq_len
-        return pack(self.stream.train, starts, self.seq_len, self.stream.eos_id)
+        return pack(self.stream.train, starts, self.seq_len, self.stream.eos_id, self.segments)
 
     def eval_iter(self, rows: range | None = None) -> Iterator[Batch]:
         # Fixed windows, spread over the validation split: eval losses compare across runs.
@@ -66,7 +73,7 @@ class TextTask:
         starts = np.linspace(0, span, count).astype(np.int64).reshape(self.eval_batches, -1)
         for batch_starts in starts:
             yield pack(self.stream.val, batch_starts[rows.start : rows.stop], self.seq_len,
-                       self.stream.eos_id)  # fmt: skip
+                       self.stream.eos_id, self.segments)  # fmt: skip
 
 
 class DigitsTask:

@@ -63,12 +63,14 @@ def make_loss_fn(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1):
     def loss_fn(params, batch: Batch):
         model = nnx.merge(graphdef, policy.cast_to_compute(params))
         inputs = policy.cast_to_compute(batch["inputs"])
+        extra = {"segments": batch["segments"]} if "segments" in batch else {}
         if loss_chunks == 1:
-            logits = policy.cast_to_output(model(inputs))
+            logits = policy.cast_to_output(model(inputs, **extra))
             return cross_entropy(logits, batch["targets"], batch["mask"])
         logits_fn = lambda x: policy.cast_to_output(model.logits(x))  # noqa: E731
+        features = model.features(inputs, **extra)
         return chunked_cross_entropy(
-            logits_fn, model.features(inputs), batch["targets"], batch["mask"], loss_chunks
+            logits_fn, features, batch["targets"], batch["mask"], loss_chunks
         )
 
     return loss_fn

@@ -156,18 +156,25 @@ def rotary(x, positions, freq):
     return out.astype(x.dtype)
 
 
-def attention(q, k, v, impl: str, visible=None):
+def attention(q, k, v, impl: str, visible=None, segments=None):
     """Grouped-query attention; q [B,T,H,D], k/v [B,S,K,D] with H a multiple of K. Causal
-    (S = T), or keys where `visible` [B,T,S] is True (decoding from a cache)."""
+    (S = T) and, with `segments` [B,T], within a document only; or keys where `visible`
+    [B,T,S] is True (decoding from a cache)."""
+    same_document = None if segments is None else segments[:, :, None] == segments[:, None, :]
     if impl == "cudnn" and visible is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        mask = None if same_document is None else same_document[:, None]
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, implementation="cudnn"
+        )
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * d**-0.5
     if visible is None:
         visible = jnp.tril(jnp.ones((t, t), bool))
-    else:
+        if same_document is not None:
+            visible = visible & same_document
+    if visible.ndim == 3:
         visible = visible[:, None, None]
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -191,10 +198,10 @@ class Block(nnx.Module):
         self.w_up = _param(rngs, (d, f), ("embed", "mlp"), std)
         self.w_down = _param(rngs, (f, d), ("mlp", "embed"), out_std)
 
-    def __call__(self, x, positions, cache=None):
-        """x [B,T,D] -> [B,T,D]. With `cache` = (k [B,S,K,hd], v, start): this call's keys and
-        values are written at start..start+T and attention reads the whole cache; returns
-        (x, (k, v))."""
+    def __call__(self, x, positions, segments=None, cache=None):
+        """x [B,T,D] -> [B,T,D]; `segments` [B,T]: document ids, attention stays within one.
+        With `cache` = (k [B,S,K,hd], v, start): this call's keys and values are written at
+        start..start+T and attention reads the whole cache; returns (x, (k, v))."""
         cfg = self.cfg
         h = self.attn_norm(x)
         q = jnp.einsum("btd,dhk->bthk", h, self.wq[...])
@@ -210,7 +217,7 @@ class Block(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
             visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
-        o = attention(q, k, v, cfg.attention, visible)
+        o = attention(q, k, v, cfg.attention, visible, segments)
         x = x + jnp.einsum("bthk,hkd->btd", o, self.wo[...])
         x = constrain(x, ("batch", "length", "embed"))
 
@@ -258,14 +265,16 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0.02)
 
-    def __call__(self, tokens):
-        """Logits [batch, length, vocab] for integer `tokens` [batch, length]."""
-        return self.logits(self.features(tokens))
+    def __call__(self, tokens, segments=None):
+        """Logits [batch, length, vocab] for integer `tokens` [batch, length]; with `segments`
+        [batch, length] (document ids of packed rows) attention stays within each document."""
+        return self.logits(self.features(tokens, segments))
 
-    def features(self, tokens):
+    def features(self, tokens, segments=None):
         """The last layer's output [batch, length, d_model], before the output layer."""
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return self.layer_runner(self.layers, self._embed(tokens), positions)
+        extra = () if segments is None else (segments,)  # per-example, like positions
+        return self.layer_runner(self.layers, self._embed(tokens), positions, *extra)
 
     def decode(self, tokens, positions, cache):
         """Logits for `tokens` [B,T] at `positions` [B,T] that also read and extend a KV cache
@@ -276,7 +285,7 @@ class Llama(nnx.Module):
 
         def layer(x, inputs):
             params, k, v = inputs
-            return nnx.merge(graphdef, params)(x, positions, (k, v, start))
+            return nnx.merge(graphdef, params)(x, positions, cache=(k, v, start))
 
         x, (k_all, v_all) = jax.lax.scan(layer, self._embed(tokens), (stacked, k_all, v_all))
         return self.logits(x), (k_all, v_all)

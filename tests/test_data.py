@@ -146,3 +146,11 @@ def test_remote_sources_through_fsspec(tmp_path, token_file):
             pq.write_table(pa.table({"text": part}), f)
     task = task_on("memory://corpus/part-*.parquet", cache_dir=str(tmp_path / "cache"))
     assert np.concatenate([task.stream.train, task.stream.val]).tobytes() == byte_stream(DOCS)
+
+
+def test_segment_ids_cut_after_each_end_of_document_token():
+    tokens = np.array([5, 6, 0, 7, 0, 0, 8, 9, 3], np.int32)  # 0 ends a document
+    batch = pack(tokens, np.array([0]), 8, eos_id=0, segments=True)
+    # An end token belongs to the document it closes; an empty document is a segment too.
+    assert batch["segments"].tolist() == [[0, 0, 0, 1, 1, 2, 3, 3]]
+    assert "segments" not in pack(tokens, np.array([0]), 8, eos_id=0)

@@ -83,3 +83,16 @@ def test_einsum_attention_is_the_function_cudnn_computes():
     )
     want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     np.testing.assert_allclose(attention(q, k, v, "xla"), want, atol=1e-5)
+
+
+def test_document_mask_makes_a_packed_document_see_only_itself():
+    """A row packing doc A then doc B: with segment ids, B's logits are those of B alone
+    (rotary attention depends only on relative positions); without, B also reads A."""
+    model = Llama(LLAMA_PRESETS["tiny"], nnx.Rngs(0))
+    a, b = jax.random.randint(jax.random.key(1), (2, 12), 1, 256)
+    packed = jnp.concatenate([a, b])[None]
+    segments = jnp.repeat(jnp.arange(2), 12)[None]
+    alone = model(b[None])[0]
+    np.testing.assert_allclose(model(packed, segments)[0, 12:], alone, atol=2e-5)
+    np.testing.assert_allclose(model(packed, segments)[0, :12], model(a[None])[0], atol=2e-5)
+    assert np.abs(model(packed)[0, 12:] - alone).max() > 1e-2  # the mask is what did it

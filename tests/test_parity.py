@@ -9,6 +9,7 @@ from conftest import tiny_config
 
 from engine.config import PRESETS
 from engine.optim import OptimConfig
+from engine.sources import write_token_file
 from engine.trainer import train
 from sharding import MeshConfig
 
@@ -79,3 +80,22 @@ def test_fp16_with_loss_scaling_trains(tiny):
     fp16 = losses(train(tiny(mesh=dict(data=8), steps=30, precision="fp16")))
     assert np.all(np.isfinite(fp16))
     np.testing.assert_allclose(fp16[-5:].mean(), fp32[-5:].mean(), rtol=0.03)
+
+
+def test_document_mask_on_every_kind_of_mesh(tmp_path):
+    """Short packed documents (several per row): segment ids travel with the batch through
+    data, FSDP, tensor and pipeline sharding and microbatching, and give one device's losses."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 256, rng.integers(4, 24)) for _ in range(800)]
+    source = write_token_file(tmp_path / "docs", docs, eos_id=0, vocab_size=256)
+
+    def run(name, mesh, devices=None, document_mask=True):
+        cfg = tiny_config(tmp_path / name, mesh, steps=3, eval_every=0)
+        data = dataclasses.replace(cfg.data, source=str(source), document_mask=document_mask)
+        return losses(train(dataclasses.replace(cfg, data=data), devices))
+
+    one = run("one", dict(data=1), jax.devices()[:1])
+    for mesh in [dict(data=2, fsdp=2, tensor=2), dict(pipeline=2, fsdp=2, tensor=2)]:
+        np.testing.assert_allclose(run("x".join(map(str, mesh.values())), mesh), one, rtol=1e-5)
+    unmasked = run("unmasked", dict(data=1), jax.devices()[:1], document_mask=False)
+    assert np.abs(unmasked - one).max() > 1e-3  # the mask changed the computation
