@@ -60,8 +60,9 @@ def run_variant(name, flags, env, base, args, log) -> dict:
             done = subprocess.run(command, env=environment, capture_output=True, text=True,
                                   timeout=args.variant_timeout)  # fmt: skip
             output, rc = done.stdout + done.stderr, done.returncode
-        except subprocess.TimeoutExpired as e:
-            output, rc = f"{e.stdout or ''}{e.stderr or ''}\ntimed out", "timeout"
+        except subprocess.TimeoutExpired as e:  # its output is bytes, whatever `text` says
+            partial = b"".join(x for x in (e.stdout, e.stderr) if x).decode(errors="replace")
+            output, rc = f"{partial}\ntimed out", "timeout"
         log.write(f"=== {name}: {' '.join(command)} {env or ''}\n{output}\n")
         log.flush()
         if rc == 0 and out.exists():

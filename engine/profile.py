@@ -44,12 +44,12 @@ def _leaves(line) -> list:
 
 
 def _timelines(data) -> tuple[str, list]:
-    """(where, op events) of the first device's op timeline; of the host's XLA threads on CPU,
-    where virtual devices share the threads."""
-    devices = sorted(
-        (p for p in data.planes if p.name.startswith("/device:")), key=lambda p: p.name
-    )
-    for plane in devices[:1]:
+    """(where, op events) of the first device with an op timeline; of the host's XLA threads
+    on CPU, where virtual devices share the threads."""
+    devices = [p for p in data.planes if p.name.startswith("/device:")]
+    # GPU:0 / TPU:0 before other device planes (e.g. a custom one with no op timeline).
+    devices.sort(key=lambda p: ("GPU" not in p.name and "TPU" not in p.name, p.name))
+    for plane in devices:
         for names, what in ((_OP_LINES, "XLA ops"), (None, "kernels")):
             events = [
                 e
