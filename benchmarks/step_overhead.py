@@ -6,6 +6,8 @@
 
 Prints the median step time of each, timed in alternating rounds in one process, and
 `ratio: X.XX` (engine / hand-written; goal <= 1.02). Any `engine.train` flag applies to both.
+Then the whole training loop's median step time (`--loop_steps`, as metrics.jsonl records it)
+against the engine step: what host work between steps costs.
 With `--memory PRESET`, compiles that preset's train step ahead of time on fsdp=1,2,4,8 (x data
 to fill 8 devices; virtual CPU devices if no accelerator) and prints `memory_analysis()`.
 """
@@ -21,7 +23,9 @@ if "--memory" in sys.argv and "XLA_FLAGS" not in os.environ:
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -31,7 +35,7 @@ from flax import nnx  # noqa: E402
 from engine.config import PRESETS, parse_args  # noqa: E402
 from engine.optim import make_optimizer  # noqa: E402
 from engine.precision import POLICIES  # noqa: E402
-from engine.trainer import setup  # noqa: E402
+from engine.trainer import setup, train  # noqa: E402
 from sharding import RULE_PRESETS, MeshConfig, axis_rules, describe_mesh  # noqa: E402
 
 
@@ -54,7 +58,7 @@ def handwritten_step(graphdef, tx, compute_dtype, clip_norm):
     return step
 
 
-def bench(cfg, rounds: int, steps_per_round: int) -> None:
+def bench(cfg, rounds: int, steps_per_round: int) -> float:
     run = setup(cfg)
     tx, _ = make_optimizer(cfg.optim, cfg.steps)
     compute = POLICIES[cfg.precision].compute_dtype
@@ -102,6 +106,27 @@ def bench(cfg, rounds: int, steps_per_round: int) -> None:
     print(f"engine step:       {e * 1e3:9.3f} ms (median of {rounds} x {steps_per_round})")
     print(f"hand-written step: {h * 1e3:9.3f} ms")
     print(f"ratio: {e / h:.2f}")
+    return e
+
+
+def loop_overhead(cfg, steps: int, engine_step_s: float) -> None:
+    """The whole training loop (batches, step, metrics back to the host every step, logging):
+    its median `step_time_s` against the bare compiled step. The gap is host time the device
+    waits through."""
+    run_dir = tempfile.mkdtemp(prefix="step_overhead_")
+    cfg = dataclasses.replace(
+        cfg, steps=steps, eval_every=0, run_dir=run_dir,
+        checkpoint=dataclasses.replace(cfg.checkpoint, every=0),
+        log=dataclasses.replace(cfg.log, progress=False, tensorboard=False, summary_every=10**9),
+    )  # fmt: skip
+    records = train(cfg)[5:]  # the first steps settle caches and threads
+    loop = statistics.median(r["step_time_s"] for r in records)
+    wait = statistics.median(r["data_wait_s"] for r in records)
+    shutil.rmtree(run_dir)
+    print(
+        f"training loop:     {loop * 1e3:9.3f} ms (median of {len(records)}; data wait "
+        f"{wait * 1e3:.3f} ms) | loop / engine step: {loop / engine_step_s:.2f}"
+    )
 
 
 def memory_report(preset: str) -> None:
@@ -143,10 +168,13 @@ def main():
     parser.add_argument("--memory", default=None, help="preset for the memory table")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps_per_round", type=int, default=20)
+    parser.add_argument("--loop_steps", type=int, default=100, help="0: skip the loop timing")
     args, rest = parser.parse_known_args()
     cfg = parse_args(rest)
     cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
-    bench(cfg, args.rounds, args.steps_per_round)
+    engine_step_s = bench(cfg, args.rounds, args.steps_per_round)
+    if args.loop_steps:
+        loop_overhead(cfg, args.loop_steps, engine_step_s)
     if args.memory:
         memory_report(args.memory)
 
