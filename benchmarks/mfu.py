@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from engine.config import PRESETS, ConfigError, parse_args  # noqa: E402
-from engine.metrics import peak_flops  # noqa: E402
+from engine.metrics import peak_flops, peak_memory_gb  # noqa: E402
 from engine.precision import POLICIES  # noqa: E402
 from engine.profile import StepTrace  # noqa: E402
 from engine.trainer import flops_per_token, setup  # noqa: E402
@@ -88,12 +88,6 @@ def recompute_flops_per_token(cfg) -> float:
     return policy[m.remat] + output_layer
 
 
-def peak_memory_gb() -> float | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return peak / 1e9 if peak else None
-
-
 def throughput(cfg, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
     run = setup(cfg)
     batch = run.put_batch(run.task.train_batch(0))
@@ -106,7 +100,8 @@ def throughput(cfg, steps: int, warmup: int, profile_dir: str | None = None) -> 
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
-    memory = peak_memory_gb()  # the step's, before the ceilings allocate their own arrays
+    # The step's, before the ceilings allocate their own arrays.
+    memory = peak_memory_gb(run.mesh.devices.flat)
     devices = run.mesh.size
     tokens = cfg.batch_size * cfg.data.seq_len
     model_flops = flops_per_token(cfg) * tokens / step / devices  # per device

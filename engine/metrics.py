@@ -34,6 +34,24 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
     return None
 
 
+def peak_memory_gb(devices) -> float | None:
+    """Peak bytes in use since start on the fullest of `devices`, in GB; None where the backend
+    keeps no count (CPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) / 1e9 if peaks else None
+
+
+def planned_memory_gb(compiled) -> float | None:
+    """Per-device bytes the compiled step needs by XLA's own plan: inputs, outputs that do not
+    reuse a donated input, temporaries; in GB."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    owned = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return (owned + m.temp_size_in_bytes) / 1e9
+
+
 def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int, peak: float | None):
     if not peak:
         return None

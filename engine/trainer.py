@@ -23,7 +23,7 @@ from engine.checkpoint import Checkpoints, restore_params
 from engine.config import Config, ConfigError, TrainingHalted, validate
 from engine.data import make_task, prefetch
 from engine.distributed import is_primary
-from engine.metrics import MetricsWriter, mfu, peak_flops
+from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_gb, planned_memory_gb
 from engine.optim import make_optimizer
 from engine.precision import POLICIES, LossScale
 from engine.profile import StepTrace
@@ -299,11 +299,14 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
     tokens_per_step = cfg.batch_size * run.task.tokens_per_example
     params = sum(x.size for x in jax.tree.leaves(run.state.params))
     processes = f" | {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    planned = planned_memory_gb(run.train_step)
+    plan = f" | step needs {planned:.2f} GB/device" if planned is not None else ""
     log(
         f"shardtrain: {cfg.task} | {params / 1e6:.2f}M params | mesh {describe_mesh(run.mesh)}"
         f"{processes} | {_pipeline_summary(cfg, run.mesh.shape['pipeline'])}{cfg.precision} | "
-        f"compiled in {run.compile_s:.1f}s"
+        f"compiled in {run.compile_s:.1f}s{plan}"
     )
+    local_devices = [d for d in run.mesh.devices.flat if d.process_index == jax.process_index()]
     if restored:
         log(f"resumed from step {start} ({restored.path})")
     elif cfg.init_from or cfg.init_from_hf:
@@ -346,6 +349,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
                 "data_wait_s": data_wait,
                 "tokens_per_sec": tokens_per_step / step_time,
                 "mfu": mfu(fpt, tokens_per_step / step_time, n_devices, peak),
+                "peak_memory_gb": peak_memory_gb(local_devices),
             }
             if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
                 writer.write(record)
@@ -439,6 +443,8 @@ def _summary(r: dict) -> str:
     )
     if r["mfu"] is not None:
         line += f" | MFU {100 * r['mfu']:.1f}%"
+    if r["peak_memory_gb"] is not None:
+        line += f" | peak mem {r['peak_memory_gb']:.1f} GB"
     if "eval_loss" in r:
         line += f" | eval_loss {r['eval_loss']:.4f} | eval_acc {r['eval_accuracy']:.3f}"
     if "eval_bits_per_byte" in r:

@@ -1,6 +1,7 @@
 """The command line as a user runs it: files it writes, and one clear sentence per bad input."""
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
     for r in records:
         assert CONTRACT_KEYS <= r.keys()
         assert isinstance(r["loss"], float) and r["mfu"] is None  # no peak FLOP/s for a CPU
+        assert r["peak_memory_gb"] is None  # the CPU backend keeps no count; GPUs/TPUs do
     assert "eval_loss" in records[2] and "eval_bits_per_byte" in records[5]
     assert records[-1]["loss"] < records[0]["loss"]
     config = json.loads((run_dir / "config.json").read_text())
@@ -59,6 +61,7 @@ def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
     tb_losses = tensorboard_scalars(run_dir, "loss")
     assert tb_losses == pytest.approx([r["loss"] for r in records], rel=1e-6)
     assert "step      6 | loss" in result.stderr + result.stdout
+    assert re.search(r"step needs \d+\.\d\d GB/device", result.stdout)  # XLA's memory plan
 
     # The resolved config.json reproduces the run exactly.
     again = tmp_path / "again"
