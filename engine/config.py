@@ -135,6 +135,9 @@ class Config:
     """Evaluate every N steps and at the end; 0 = only at the end."""
     peak_flops: float | None = None
     """Peak FLOP/s per device for MFU; None = the device's datasheet bf16 peak (null on CPU)."""
+    compile_cache: str = "~/.cache/shardtrain/xla"
+    """Command line only: JAX's persistent compilation cache, so a restart or resume of the same
+    program loads it instead of compiling again; empty = off."""
     nan_policy: Literal["halt", "skip"] = "halt"
     """A step with a non-finite loss or gradient: halt (stop, exit 3, keep the last good
     checkpoint) or skip (drop its update, count it; halt after nan_skip_limit in a row)."""

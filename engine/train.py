@@ -17,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.trainer import train
 
         initialize(cfg.distributed)  # before anything touches a device
+        if cfg.compile_cache:
+            import jax
+
+            jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache))
         train(cfg)
     except (ConfigError, ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -44,6 +44,7 @@ def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
         f"--run_dir={run_dir}",
         "--checkpoint.every=0",
         "--eval_every=3",
+        f"--compile_cache={tmp_path / 'xla'}",
     ]
     result = cli(*args)
     assert result.returncode == 0, result.stderr
@@ -62,6 +63,7 @@ def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
     assert tb_losses == pytest.approx([r["loss"] for r in records], rel=1e-6)
     assert "step      6 | loss" in result.stderr + result.stdout
     assert re.search(r"step needs \d+\.\d\d GB/device", result.stdout)  # XLA's memory plan
+    assert any((tmp_path / "xla").iterdir())  # compiled programs kept for the next start
 
     # The resolved config.json reproduces the run exactly.
     again = tmp_path / "again"
