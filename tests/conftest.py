@@ -53,6 +53,8 @@ def cli(*args, devices=8, background=False):
     """`python -m engine.train ARGS` as a user runs it, with `devices` virtual CPU devices:
     the finished process, or with `background` the running one."""
     env = cli_env(devices)
+    if not any(a.startswith("--compile_cache") for a in args):
+        args = (*args, f"--compile_cache={CLI_COMPILATION_CACHE}")  # not the user's home cache
     command = [sys.executable, "-m", "engine.train", *args]
     if background:
         pipe = subprocess.PIPE
