@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from engine.config import PRESETS, ConfigError, parse_args  # noqa: E402
-from engine.metrics import peak_flops, peak_memory_gb  # noqa: E402
+from engine.metrics import peak_flops, peak_memory_gb, planned_memory_gb  # noqa: E402
 from engine.precision import POLICIES  # noqa: E402
 from engine.profile import StepTrace  # noqa: E402
 from engine.trainer import flops_per_token, setup  # noqa: E402
@@ -181,21 +181,20 @@ def compile_time() -> None:
 
 def memory(base) -> None:
     n = jax.device_count()
-    # One device first: the single-GPU MFU run's budget.
+    # (mesh, devices it takes): one device first, the single-GPU MFU run's budget.
     meshes = [
-        MeshConfig(data=1, fsdp=1),
-        MeshConfig(data=1, fsdp=n),
-        MeshConfig(data=2, fsdp=n // 2),
-        MeshConfig(data=1, fsdp=n // 2, tensor=2),
+        (MeshConfig(data=1, fsdp=1), 1),
+        (MeshConfig(data=1, fsdp=n), n),
+        (MeshConfig(data=2, fsdp=n // 2), n),
+        (MeshConfig(data=1, fsdp=n // 2, tensor=2), n),
     ]
     print(
         f"per-device memory ({base.model.num_params() / 1e9:.2f}B params, {base.precision}, "
         f"batch {base.batch_size}x{base.data.seq_len}, loss_chunks {base.model.loss_chunks}), "
-        f"on 1 and {n} "
-        f"{jax.devices()[0].device_kind} devices, compiled ahead of time"
+        f"on 1 and {n} {jax.devices()[0].device_kind} devices, compiled ahead of time"
     )
     print(f"{'mesh':>22} | {'remat':>13} | accum x batch | {'args GB':>7} | {'temp GB':>7} | total")
-    for mesh in meshes:
+    for mesh, devices in meshes:
         for remat in ("none", "dots_no_batch", "full"):
             for accum in (1, 4):
                 if accum > 1 and remat != "full":
@@ -207,13 +206,13 @@ def memory(base) -> None:
                     model=dataclasses.replace(base.model, remat=remat),
                     optim=dataclasses.replace(base.optim, microbatches=accum),
                 )
-                run = setup(cfg, jax.devices()[: mesh.fsdp * mesh.data * mesh.tensor], init=False)
+                run = setup(cfg, jax.devices()[:devices], init=False)
                 mem = run.train_step.memory_analysis()
                 args, temp = mem.argument_size_in_bytes / 1e9, mem.temp_size_in_bytes / 1e9
                 print(
                     f"{describe_mesh(run.mesh):>22} | {remat:>13} | "
                     f"{f'{accum} x {cfg.batch_size // accum}':>13} | "
-                    f"{args:7.2f} | {temp:7.2f} | {args + temp:8.2f}"
+                    f"{args:7.2f} | {temp:7.2f} | {planned_memory_gb(run.train_step):8.2f}"
                 )
 
 

@@ -15,9 +15,12 @@ import os
 
 import jax
 
-# Device-side timelines: per-HLO-op events where the backend writes them, else raw kernels.
-_OP_LINES = ("XLA Ops",)
-_KERNEL_LINE_PREFIX = "Stream"
+# A device plane's timelines, best first: per-HLO-op events where the backend writes them,
+# else the raw kernels of its streams.
+_DEVICE_TIMELINES = (
+    ("XLA ops", lambda line: line == "XLA Ops"),
+    ("kernels", lambda line: line.startswith("Stream")),
+)
 # The CPU backend runs thunks on its client's and its Eigen pool's threads, under executor
 # events that only wait.
 _CPU_LINE_PREFIX = "tf_XLA"
@@ -50,13 +53,8 @@ def _timelines(data) -> tuple[str, list]:
     # GPU:0 / TPU:0 before other device planes (e.g. a custom one with no op timeline).
     devices.sort(key=lambda p: ("GPU" not in p.name and "TPU" not in p.name, p.name))
     for plane in devices:
-        for names, what in ((_OP_LINES, "XLA ops"), (None, "kernels")):
-            events = [
-                e
-                for line in plane.lines
-                if (line.name in names if names else line.name.startswith(_KERNEL_LINE_PREFIX))
-                for e in _leaves(line)
-            ]
+        for what, wanted in _DEVICE_TIMELINES:
+            events = [e for line in plane.lines if wanted(line.name) for e in _leaves(line)]
             if events:
                 return f"{what} on {plane.name}", events
     events = [
