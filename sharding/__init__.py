@@ -3,37 +3,61 @@
 Nothing here knows a particular model; models know nothing of meshes.
 """
 
-from sharding.mesh import MESH_AXES, MeshConfig, ShardingError, describe_mesh, make_mesh, mesh_flags
-from sharding.pipeline import PipelineConfig, apply_pipeline, bubble, restage, unstage
+from sharding.mesh import (
+    AXES,
+    MESH_AXES,
+    MeshAxis,
+    MeshConfig,
+    ShardingError,
+    describe_mesh,
+    make_mesh,
+    mesh_flags,
+    mesh_sizes,
+)
+from sharding.pipeline import PipelineConfig, apply_pipeline, bubble, restage, stages_of, unstage
 from sharding.rules import (
     DEFAULT_RULES,
     RULE_PRESETS,
+    Rules,
     axis_rules,
     batch_sharding,
     check_divisible,
     constrain,
+    default_rules,
+    divisibility_errors,
     logical_to_spec,
+    override_rules,
+    process_block,
     tree_shardings,
 )
 
 __all__ = [
+    "AXES",
     "DEFAULT_RULES",
     "MESH_AXES",
     "RULE_PRESETS",
+    "MeshAxis",
     "MeshConfig",
     "PipelineConfig",
+    "Rules",
     "ShardingError",
     "apply_pipeline",
     "axis_rules",
     "batch_sharding",
     "bubble",
     "check_divisible",
-    "describe_mesh",
     "constrain",
+    "default_rules",
+    "divisibility_errors",
+    "describe_mesh",
     "logical_to_spec",
     "make_mesh",
     "mesh_flags",
+    "mesh_sizes",
+    "override_rules",
+    "process_block",
     "restage",
+    "stages_of",
     "tree_shardings",
     "unstage",
 ]

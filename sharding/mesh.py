@@ -1,14 +1,19 @@
-"""Device mesh from a `MeshConfig`: one named axis per kind of parallelism."""
+"""The mesh axes, declared once as data, and the device mesh built from their sizes.
+
+An axis is a name, its default size, and the logical names it shards by default: the rule table
+(sharding.rules) and the `--mesh.*` flags both follow from `AXES`. Adding a kind of parallelism
+is one `MeshAxis` entry; nothing outside `sharding/` names an axis unless its meaning requires
+it (the pipeline runner).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh
-
-MESH_AXES = ("data", "fsdp", "tensor", "pipeline")
 
 
 class ShardingError(ValueError):
@@ -16,46 +21,103 @@ class ShardingError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Devices per parallelism; `-1` fills whatever devices the others leave."""
+class MeshAxis:
+    name: str
+    help: str
+    shards: tuple[str, ...] = ()
+    """Logical names this axis splits by default, in addition to the axes declared before it."""
+    leads: tuple[str, ...] = ()
+    """Logical names for which this axis comes first (outermost) among their axes."""
+    default: int = 1
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    pipeline: int = 1
 
-    def resolve(self, num_devices: int) -> dict[str, int]:
+# Mesh order: devices are laid out row-major in this order (data-parallel axes first, so that
+# each process holds one block of the batch).
+AXES: tuple[MeshAxis, ...] = (
+    MeshAxis("data", "Data parallel: replicas that split the batch.", ("batch",), default=-1),
+    MeshAxis("fsdp", "ZeRO-3: splits the batch and every weight's embed dimension.",
+             ("batch", "embed")),
+    MeshAxis("tensor", "Tensor (Megatron) parallel: heads, MLP and vocabulary dimensions.",
+             ("mlp", "heads", "kv_heads", "vocab")),
+    # Outside the pipelined layers the batch splits over the stages first (embedding, logits,
+    # loss), so stage p's microbatches are its own rows; weights outside them split over the
+    # stages ZeRO-3 style. Inside, `stage` takes the axis.
+    MeshAxis("pipeline", "Pipeline parallel: stages of layers.", ("stage", "batch", "embed"),
+             leads=("batch",)),
+)  # fmt: skip
+
+MESH_AXES = tuple(a.name for a in AXES)
+
+
+def _mesh_config_class(axes: Sequence[MeshAxis]) -> type:
+    """A frozen dataclass with one int field per axis (`--mesh.<axis>` on the command line)."""
+    import typing
+
+    import tyro
+
+    fields = [
+        (
+            a.name,
+            typing.Annotated[int, tyro.conf.arg(help=a.help)],
+            dataclasses.field(default=a.default),
+        )
+        for a in axes
+    ]
+
+    def resolve_sizes(self, num_devices: int) -> dict[str, int]:
         """Axis sizes with `-1` filled in; raises ShardingError naming the bad value."""
-        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
-        for axis, size in sizes.items():
-            if size == 0 or size < -1:
-                raise ShardingError(
-                    f"--mesh.{axis}={size} is not a valid mesh size; use a positive "
-                    "device count or -1 to fill the remaining devices."
-                )
-        fill = [axis for axis, size in sizes.items() if size == -1]
-        if len(fill) > 1:
+        return resolve(mesh_sizes(self), num_devices)
+
+    cls = dataclasses.make_dataclass(
+        "MeshConfig", fields, frozen=True, namespace={"resolve": resolve_sizes}
+    )
+    cls.__doc__ = "Devices per parallelism; `-1` fills whatever devices the others leave."
+    cls.__module__ = __name__
+    return cls
+
+
+MeshConfig = _mesh_config_class(AXES)
+
+
+def mesh_sizes(config) -> dict[str, int]:
+    """Axis name -> size (maybe -1) of a MeshConfig or a plain mapping."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def resolve(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Axis sizes with `-1` filled in; raises ShardingError naming the bad value."""
+    sizes = dict(sizes)
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
             raise ShardingError(
-                f"Only one mesh axis may be -1, got {', '.join(f'--mesh.{a}=-1' for a in fill)}; "
-                "give explicit sizes to all but one."
+                f"--mesh.{axis}={size} is not a valid mesh size; use a positive "
+                "device count or -1 to fill the remaining devices."
             )
-        fixed = math.prod(size for size in sizes.values() if size != -1)
-        if fill:
-            if num_devices % fixed:
-                raise ShardingError(
-                    f"Cannot fill --mesh.{fill[0]}=-1: the other axes use {fixed} devices, "
-                    f"which does not divide the {num_devices} available; choose sizes "
-                    f"whose product divides {num_devices}."
-                )
-            sizes[fill[0]] = num_devices // fixed
-        total = math.prod(sizes.values())
-        if total != num_devices:
-            shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise ShardingError(
+            f"Only one mesh axis may be -1, got {', '.join(f'--mesh.{a}=-1' for a in fill)}; "
+            "give explicit sizes to all but one."
+        )
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if fill:
+        if num_devices % fixed:
             raise ShardingError(
-                f"Mesh {shape} needs {total} devices but the run has {num_devices}; "
-                f"make the mesh sizes multiply to {num_devices} (or set one axis to -1)."
+                f"Cannot fill --mesh.{fill[0]}=-1: the other axes use {fixed} devices, "
+                f"which does not divide the {num_devices} available; choose sizes "
+                f"whose product divides {num_devices}."
             )
-        return sizes
+        sizes[fill[0]] = num_devices // fixed
+    total = math.prod(sizes.values())
+    if total != num_devices:
+        shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
+        raise ShardingError(
+            f"Mesh {shape} needs {total} devices but the run has {num_devices}; "
+            f"make the mesh sizes multiply to {num_devices} (or set one axis to -1)."
+        )
+    return sizes
 
 
 def mesh_flags(mesh: Mesh, axes) -> str:
@@ -68,14 +130,23 @@ def describe_mesh(mesh: Mesh) -> str:
     return " x ".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "1 device"
 
 
-def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
-    """A `Mesh` over `devices` (default: all) with Auto axes, so GSPMD places collectives."""
+def make_mesh(config, devices: list | None = None, axes: Sequence[MeshAxis] = AXES) -> Mesh:
+    """A `Mesh` over `devices` (default: all) with Auto axes, so GSPMD places collectives.
+
+    `config`: a MeshConfig, or a mapping of axis sizes (axes it does not name have size 1)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = config.resolve(len(devices))
+    given = mesh_sizes(config)
+    unknown = set(given) - {a.name for a in axes}
+    if unknown:
+        raise ShardingError(
+            f"Unknown mesh axis {', '.join(sorted(unknown))}; the axes are "
+            f"{', '.join(a.name for a in axes)}."
+        )
+    sizes = resolve({a.name: given.get(a.name, 1) for a in axes}, len(devices))
     # make_mesh orders devices by physical topology (ICI/NVLink) where it knows it.
     return jax.make_mesh(
         tuple(sizes.values()),
-        MESH_AXES,
-        axis_types=(AxisType.Auto,) * len(MESH_AXES),
+        tuple(sizes),
+        axis_types=(AxisType.Auto,) * len(sizes),
         devices=devices,
     )

@@ -1,10 +1,11 @@
 """Pipeline parallelism as one SPMD program: stage-sharded weights and a collective permute.
 
 A model opts in by keeping its repeated layers as one stacked module (`model.layers`, leading
-`layers` axis) run by a layer runner (`model.layer_runner(layers, x, *args)`). `apply_pipeline`
-reshapes the stack [L, ...] to [R, S, L/(S*R), ...] under the logical names ("repeat", "stage",
-"layers") — the rule table maps `stage` to the `pipeline` mesh axis — and swaps in a `Pipeline`
-runner. Nothing else in the model changes, and the train step stays one jitted function.
+`layers` axis) run by a layer runner (`model.layer_runner(layers, x, *args) -> (x, aux)`).
+`apply_pipeline` reshapes the stack [L, ...] to [R, S, L/(S*R), ...] under the logical names
+("repeat", "stage", "layers") — the rule table maps `stage` to the `pipeline` mesh axis — and
+swaps in a `Pipeline` runner. Nothing else in the model changes, and the train step stays one
+jitted function.
 
 Schedule (circular, GPipe when R = 1): microbatches enter in groups of S. Stage s at iteration t
 works on u = t - s; within a group, u walks repeat r = 0..R-1 over the group's S microbatches, so
@@ -39,6 +40,11 @@ class PipelineConfig:
 
     def microbatches_for(self, stages: int) -> int:
         return self.microbatches or stages
+
+
+def stages_of(mesh) -> int:
+    """Pipeline stages of a mesh (1 when it has no pipeline axis)."""
+    return dict(mesh.shape).get(AXIS, 1)
 
 
 def bubble(stages: int, repeats: int, microbatches: int) -> float:
@@ -102,6 +108,7 @@ class Pipeline:
     inner: Any  # a layer runner, e.g. the model's own scan over layers
 
     def __call__(self, layers: nnx.Module, x: jax.Array, *args):
+        """Like the inner runner: (output, aux values averaged over layers and microbatches)."""
         S, R, M = self.stages, self.repeats, self.microbatches
         graphdef, state = nnx.split(layers)
         leaves, treedef = jax.tree.flatten(state)
@@ -125,34 +132,42 @@ class Pipeline:
             xs = jax.lax.all_gather(xs.astype(jnp.float32), AXIS, tiled=True)
             stage = jax.lax.axis_index(AXIS)
             chunks = [leaf[:, 0] for leaf in leaves]  # [R, layers per chunk, ...]
+            x0 = xs[0].astype(x.dtype)
+            _, aux_shape = jax.eval_shape(stage_fn, chunks, 0, x0, 0)
 
             def iteration(carry, t):
-                received, outputs = carry
+                received, outputs, aux_sum = carry
                 u = t - stage
                 last_u = R * M - 1
                 group, within = jnp.divmod(jnp.clip(u, 0, last_u), R * S)
                 r, k = jnp.divmod(within, S)
                 m = group * S + k
                 x_in = jnp.where((stage == 0) & (r == 0), xs[m].astype(x.dtype), received)
-                y = stage_fn(chunks, r, x_in, m)
-                done = (stage == S - 1) & (r == R - 1) & (u >= 0) & (u <= last_u)
+                y, aux = stage_fn(chunks, r, x_in, m)
+                working = (u >= 0) & (u <= last_u)
+                done = (stage == S - 1) & (r == R - 1) & working
                 outputs = outputs.at[m].set(jnp.where(done, y, outputs[m]))
+                aux_sum = jax.tree.map(lambda a, b: a + jnp.where(working, b, 0), aux_sum, aux)
                 # Stage s -> s + 1, and S - 1 -> 0 for the next repeat: one collective permute.
                 received = jax.lax.ppermute(y, AXIS, [(s, (s + 1) % S) for s in range(S)])
-                return (received, outputs), None
+                return (received, outputs, aux_sum), None
 
-            # Stage-varying zeros, like xs.
-            carry = (jnp.zeros_like(xs[0], x.dtype), jnp.zeros_like(xs, x.dtype))
-            (_, outputs), _ = jax.lax.scan(iteration, carry, jnp.arange(R * M + S - 1))
-            return outputs[None]
+            # Stage-varying zeros, like xs (adding the stage index makes them vary).
+            varying = lambda a: jnp.zeros(a.shape, a.dtype) + (stage * 0).astype(a.dtype)  # noqa: E731
+            zeros = jax.tree.map(varying, aux_shape)
+            carry = (jnp.zeros_like(xs[0], x.dtype), jnp.zeros_like(xs, x.dtype), zeros)
+            (_, outputs, aux_sum), _ = jax.lax.scan(iteration, carry, jnp.arange(R * M + S - 1))
+            # Every (chunk, microbatch) pair ran once somewhere: the mean over all of them.
+            aux = jax.tree.map(lambda a: jax.lax.psum(a, AXIS) / (S * R * M), aux_sum)
+            return outputs[None], aux
 
         stage_specs = [P(None, AXIS)] * len(leaves)  # [R, S, ...]: S over the pipeline axis
-        out = jax.shard_map(
-            run, in_specs=(stage_specs, P(AXIS), P()), out_specs=P(AXIS), axis_names={AXIS}
+        out, aux = jax.shard_map(
+            run, in_specs=(stage_specs, P(AXIS), P()), out_specs=(P(AXIS), P()), axis_names={AXIS}
         )(leaves, xs, args)
         # Only the last stage's buffer holds results: XLA sends each stage its M/S of them
         # (one all-to-all), the layout the batch had on the way in.
-        return _from_microbatches(out[S - 1], S)
+        return _from_microbatches(out[S - 1], S), aux
 
 
 def _to_microbatches(a: jax.Array, stages: int, micro: int) -> jax.Array:

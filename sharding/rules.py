@@ -1,10 +1,11 @@
 """Logical axis names -> mesh axes, in one rule table.
 
-A rule table is an ordered tuple of `(logical_name, mesh_axes)`. For each dimension of an array
-the first rule for its logical name whose mesh axes are still free in that array is used, so
-`batch -> (data, fsdp)` and `embed -> fsdp` coexist: an activation `(batch, length, embed)`
-shards its batch over data and fsdp and keeps embed whole, while a weight `(embed, mlp)` shards
-embed over fsdp (ZeRO-3) and mlp over tensor.
+A rule table is a tuple of `(logical_name, mesh_axes)`, built from the axes' declarations
+(sharding.mesh.AXES) and overridable per name. Each dimension of an array takes the axes of its
+name's rule that the dimensions before it left free, so `batch -> (data, fsdp)` and
+`embed -> fsdp` coexist: an activation `(batch, length, embed)` shards its batch over data and
+fsdp and keeps embed whole, while a weight `(embed, mlp)` shards embed over fsdp (ZeRO-3) and
+mlp over tensor. Names without a rule are never split.
 """
 
 from __future__ import annotations
@@ -12,43 +13,45 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sharding.mesh import ShardingError, mesh_flags
+from sharding.mesh import AXES, MeshAxis, ShardingError, mesh_flags
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
+
+def default_rules(axes: Sequence[MeshAxis] = AXES) -> Rules:
+    """One rule per logical name: the axes that declare it, leading ones first, then in mesh
+    order. A dimension takes those of its axes that the array's other dimensions left free."""
+    names: dict[str, list[str]] = {}
+    for axis in axes:
+        for name in axis.shards:
+            names.setdefault(name, [])
+            if name in axis.leads:
+                names[name].insert(0, axis.name)
+            else:
+                names[name].append(axis.name)
+    return tuple((name, tuple(mesh_axes)) for name, mesh_axes in names.items())
+
+
+def override_rules(rules: Rules, overrides: Mapping[str, Sequence[str]]) -> Rules:
+    """`rules` with the names of `overrides` mapped to the given axes instead (() = never
+    split); new names are added."""
+    table = dict(rules)
+    table.update({name: tuple(axes) for name, axes in overrides.items()})
+    return tuple(table.items())
+
+
 # One table serves every mesh: an axis of size 1 costs nothing, so pure data parallel, FSDP,
 # tensor parallel and their products are just mesh shapes.
-DEFAULT_RULES: Rules = (
-    # Outside the pipelined layers the batch splits over the stages too (embedding, logits,
-    # loss); inside them `pipeline` is manual and drops out, leaving (data, fsdp).
-    ("batch", ("pipeline", "data", "fsdp")),
-    ("batch", ("data", "fsdp")),  # when `pipeline` is taken, e.g. by `stage`
-    # Weights outside the pipelined layers (embedding, head, final norm) also split over the
-    # pipeline axis, ZeRO-3 style; stacked layer weights have `pipeline` taken by `stage`.
-    ("embed", ("fsdp", "pipeline")),
-    ("embed", ("fsdp",)),
-    ("mlp", ("tensor",)),
-    ("heads", ("tensor",)),
-    ("kv_heads", ("tensor",)),
-    ("vocab", ("tensor",)),
-    ("length", ()),
-    ("head_dim", ()),
-    ("layers", ()),
-    ("stage", ("pipeline",)),
-    ("repeat", ()),
-    ("classes", ()),
-)
+DEFAULT_RULES: Rules = default_rules()
 
 # Megatron-style: weights replicated over fsdp (no ZeRO-3 gathers), sharded only by tensor.
-REPLICATED_WEIGHT_RULES: Rules = tuple(
-    (name, ()) if name == "embed" else (name, axes) for name, axes in DEFAULT_RULES
-)
+REPLICATED_WEIGHT_RULES: Rules = override_rules(DEFAULT_RULES, {"embed": ()})
 
 RULE_PRESETS: dict[str, Rules] = {"default": DEFAULT_RULES, "no_zero3": REPLICATED_WEIGHT_RULES}
 
@@ -77,14 +80,11 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
     unusable = set(mesh.manual_axes) if mesh is not None else set()
     used: set[str] = set()
     spec = []
+    table = dict(rules)
     for name in names:
-        chosen: tuple[str, ...] = ()
-        for rule_name, axes in rules:
-            if rule_name == name and not used.intersection(axes):
-                chosen = axes
-                break
+        chosen = tuple(a for a in table.get(name, ()) if a not in used)
         if mesh is not None:
-            chosen = tuple(a for a in chosen if mesh.shape[a] > 1 and a not in unusable)
+            chosen = tuple(a for a in chosen if mesh.shape.get(a, 1) > 1 and a not in unusable)
         used.update(chosen)
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else chosen)
     return P(*spec)
@@ -122,8 +122,10 @@ def tree_shardings(tree, mesh: Mesh, rules: Rules):
     return jax.tree.map(one, tree, is_leaf=_is_var)
 
 
-def check_divisible(tree, mesh: Mesh, rules: Rules) -> None:
-    """Raise `ShardingError` naming the first parameter dimension its mesh axes cannot split."""
+def divisibility_errors(tree, mesh, rules: Rules) -> list[ShardingError]:
+    """One `ShardingError` per parameter dimension its mesh axes cannot split (`mesh` may be
+    abstract: only its axis sizes are read)."""
+    errors = []
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_var)
     for path, x in flat:
         if not _is_var(x):
@@ -137,13 +139,40 @@ def check_divisible(tree, mesh: Mesh, rules: Rules) -> None:
             if size % ways:
                 where = ".".join(str(getattr(k, "key", k)) for k in path)
                 flags = mesh_flags(mesh, axes)
-                raise ShardingError(
+                errors.append(ShardingError(
                     f"Parameter '{where}' dimension {dim} ('{name}', size {size}) is not "
                     f"divisible by {flags}; choose mesh sizes that divide {size} or change "
                     "the model shape."
-                )
+                ))  # fmt: skip
+    return errors
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
-    """Batch arrays split their leading dimension over the `batch` rule's axes."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+def check_divisible(tree, mesh, rules: Rules) -> None:
+    """Raise the first of `divisibility_errors`."""
+    errors = divisibility_errors(tree, mesh, rules)
+    if errors:
+        raise errors[0]
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, names: Sequence[str | None]) -> NamedSharding:
+    """A batch array's sharding from the logical names of its dimensions, e.g.
+    ("batch", "length")."""
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh))
+
+
+def process_block(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The block of a global array of `shape` that this process's devices hold, one slice per
+    dimension; it must be one block (devices are laid out process by process along the mesh)."""
+    index = sharding.devices_indices_map(shape)
+    block = []
+    for dim, size in enumerate(shape):
+        spans = {index[d][dim].indices(size)[:2] for d in sharding.addressable_devices}
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        if sum(b - a for a, b in spans) != hi - lo:
+            raise ShardingError(
+                f"This process's devices hold parts {sorted(spans)} of dimension {dim} of the "
+                "batch, not one block; order the mesh so that data-parallel axes come before "
+                "tensor/pipeline ones."
+            )
+        block.append(slice(lo, hi))
+    return tuple(block)
