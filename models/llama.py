@@ -13,20 +13,17 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from models.layers import FEED_FORWARD, RMSNorm, attention, param, remat_policy, rotary, zeros
 from sharding import constrain
-
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-
-_REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+    """Architecture only: what a Hugging Face config.json describes. How it runs (remat,
+    attention kernel, loss chunks, mesh) is the execution plan's (engine.plan)."""
+
     vocab_size: int = 256
     d_model: int = 128
     n_layers: int = 4
@@ -43,16 +40,12 @@ class LlamaConfig:
     rope_original_max_len: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    remat: RematPolicy = "none"
-    """Activations recomputed in the backward pass: none, full, dots (keep matmul outputs),
-    dots_no_batch (keep only weight-like matmul outputs)."""
-    attention: Literal["xla", "cudnn"] = "xla"
-    """xla: attention as einsums; cudnn: jax.nn.dot_product_attention's fused kernel (GPU,
-    bf16/fp16 only)."""
-    loss_chunks: int = 1
-    """Training: run the output layer and loss over this many pieces of the sequence, each
-    recomputed in the backward pass, so [batch, length, vocab] logits never exist at once
-    (large vocabularies: less memory for one more output-layer matmul)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys before the rotation (Qwen3, OLMo 2)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2)."""
+    feed_forward: str = "swiglu"
+    """The feed-forward block, by name in models.layers.FEED_FORWARD."""
 
     def matmul_params(self) -> int:
         """Weights that enter a matmul per token (the embedding lookup does not; the head does)."""
@@ -62,6 +55,10 @@ class LlamaConfig:
 
     def num_params(self) -> int:
         norms = (2 * self.n_layers + 1) * self.d_model
+        norms += 2 * self.n_layers * self.head_dim if self.qk_norm else 0
+        norms += (
+            self.n_layers * self.head_dim * (self.n_heads + 2 * self.n_kv_heads) * self.qkv_bias
+        )
         embed = 0 if self.tie_embeddings else self.vocab_size * self.d_model
         return self.matmul_params() + embed + norms
 
@@ -112,23 +109,6 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
 }
 
 
-def _param(rngs: nnx.Rngs, shape, names, stddev: float) -> nnx.Param:
-    value = stddev * jax.random.normal(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value, out_sharding=names)
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("embed",))
-        self.eps = eps
-
-    def __call__(self, x):
-        # Statistics in fp32 whatever the compute dtype: bf16 variance loses too many bits.
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
-
-
 def rope_frequencies(cfg: LlamaConfig):
     """Angle per position of each rotated pair, [head_dim / 2]."""
     half = cfg.head_dim // 2
@@ -147,132 +127,120 @@ def rope_frequencies(cfg: LlamaConfig):
     return freq
 
 
-def rotary(x, positions, freq):
-    """Rotate pairs (i, i + D/2) of `x` [batch, length, heads, D] by position-dependent angles."""
-    angle = positions[:, :, None, None].astype(jnp.float32) * freq
-    sin, cos = jnp.sin(angle), jnp.cos(angle)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-def attention(q, k, v, impl: str, visible=None, segments=None):
-    """Grouped-query attention; q [B,T,H,D], k/v [B,S,K,D] with H a multiple of K. Causal
-    (S = T) and, with `segments` [B,T], within a document only; or keys where `visible`
-    [B,T,S] is True (decoding from a cache)."""
-    same_document = None if segments is None else segments[:, :, None] == segments[:, None, :]
-    if impl == "cudnn" and visible is None:
-        mask = None if same_document is None else same_document[:, None]
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, implementation="cudnn"
-        )
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * d**-0.5
-    if visible is None:
-        visible = jnp.tril(jnp.ones((t, t), bool))
-        if same_document is not None:
-            visible = visible & same_document
-    if visible.ndim == 3:
-        visible = visible[:, None, None]
-    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
-
-
 class Block(nnx.Module):
-    """One decoder layer: pre-norm attention then pre-norm SwiGLU, both residual."""
+    """One decoder layer: pre-norm attention then a pre-norm feed-forward block, both residual."""
 
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        d, h, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, attention: str = "xla"):
+        d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std, out_std = 0.02, 0.02 / (2 * cfg.n_layers) ** 0.5
-        self.cfg = cfg
+        self.cfg, self.attention = cfg, attention
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
-        self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std)
-        self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
-        self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
-        self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std)
+        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std)
+        self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std)
+        if cfg.qkv_bias:
+            self.bq = zeros((h, hd), ("heads", "head_dim"))
+            self.bk = zeros((k, hd), ("kv_heads", "head_dim"))
+            self.bv = zeros((k, hd), ("kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, "head_dim")
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, "head_dim")
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
-        self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), std)
-        self.w_up = _param(rngs, (d, f), ("embed", "mlp"), std)
-        self.w_down = _param(rngs, (f, d), ("mlp", "embed"), out_std)
+        self.mlp = FEED_FORWARD[cfg.feed_forward](cfg, rngs)
+
+    def _project(self, h, w, bias, norm):
+        y = jnp.einsum("btd,dhk->bthk", h, w[...])
+        if bias is not None:
+            y = y + bias[...].astype(y.dtype)
+        return y if norm is None else norm(y)
 
     def __call__(self, x, positions, segments=None, cache=None):
-        """x [B,T,D] -> [B,T,D]; `segments` [B,T]: document ids, attention stays within one.
+        """x [B,T,D] -> (x, aux); `segments` [B,T]: document ids, attention stays within one.
         With `cache` = (k [B,S,K,hd], v, start): this call's keys and values are written at
-        start..start+T and attention reads the whole cache; returns (x, (k, v))."""
+        start..start+T and attention reads the whole cache; returns (x, aux, (k, v))."""
         cfg = self.cfg
+        bias = (self.bq, self.bk, self.bv) if cfg.qkv_bias else (None,) * 3
+        norms = (self.q_norm, self.k_norm) if cfg.qk_norm else (None, None)
         h = self.attn_norm(x)
-        q = jnp.einsum("btd,dhk->bthk", h, self.wq[...])
-        k = jnp.einsum("btd,dhk->bthk", h, self.wk[...])
-        v = jnp.einsum("btd,dhk->bthk", h, self.wv[...])
+        q = self._project(h, self.wq, bias[0], norms[0])
+        k = self._project(h, self.wk, bias[1], norms[1])
+        v = self._project(h, self.wv, bias[2], None)
         freq = rope_frequencies(cfg)
         q = constrain(rotary(q, positions, freq), ("batch", "length", "heads", None))
         k = constrain(rotary(k, positions, freq), ("batch", "length", "kv_heads", None))
         v = constrain(v, ("batch", "length", "kv_heads", None))
+        q, k, v = (
+            checkpoint_name(q, "query"),
+            checkpoint_name(k, "key"),
+            checkpoint_name(v, "value"),
+        )
         visible = None
         if cache is not None:
             k_cache, v_cache, start = cache
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
             visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
-        o = attention(q, k, v, cfg.attention, visible, segments)
-        x = x + jnp.einsum("bthk,hkd->btd", o, self.wo[...])
-        x = constrain(x, ("batch", "length", "embed"))
+        o = checkpoint_name(attention(q, k, v, self.attention, visible, segments), "attention")
+        o = checkpoint_name(jnp.einsum("bthk,hkd->btd", o, self.wo[...]), "attn_out")
+        x = constrain(x + o, ("batch", "length", "embed"))
 
-        h = self.mlp_norm(x)
-        gate = jnp.einsum("btd,df->btf", h, self.w_gate[...])
-        up = jnp.einsum("btd,df->btf", h, self.w_up[...])
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        x = x + jnp.einsum("btf,fd->btd", hidden, self.w_down[...])
-        x = constrain(x, ("batch", "length", "embed"))
-        return x if cache is None else (x, (k, v))
+        y, aux = self.mlp(self.mlp_norm(x))
+        x = constrain(x + y, ("batch", "length", "embed"))
+        return (x, aux) if cache is None else (x, aux, (k, v))
 
 
 @dataclasses.dataclass(frozen=True)
 class ScanLayers:
-    """Run stacked layers in order with `lax.scan`: one compiled layer body for any depth."""
+    """Run stacked layers in order with `lax.scan`: one compiled layer body for any depth.
+    Returns the output and each aux value averaged over the layers."""
 
-    remat: RematPolicy = "none"
+    remat: str = "none"
 
     def __call__(self, layers: nnx.Module, x, *args):
         graphdef, stacked = nnx.split(layers)
 
         def layer(x, params):
-            return nnx.merge(graphdef, params)(x, *args), None
+            return nnx.merge(graphdef, params)(x, *args)
 
-        if self.remat != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.remat])
-        x, _ = jax.lax.scan(layer, x, stacked)
-        return x
+        policy = remat_policy(self.remat)
+        if policy is not None:
+            layer = jax.checkpoint(layer, policy=policy)
+        x, aux = jax.lax.scan(layer, x, stacked)
+        return x, jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    """`remat` and `attention` are how it runs (the execution plan's), not what it is."""
+
+    def __init__(
+        self, cfg: LlamaConfig, rngs: nnx.Rngs, *, remat: str = "none", attention: str = "xla"
+    ):
         self.cfg = cfg
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 0.02)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 0.02)
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs):
-            return Block(cfg, rngs)
+            return Block(cfg, rngs, attention)
 
         self.layers = make_layers(rngs)
         # How the stack runs; parallelism may swap it (sharding.pipeline), the layers stay.
-        self.layer_runner = ScanLayers(cfg.remat)
+        self.layer_runner = ScanLayers(remat)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:
-            self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0.02)
+            self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0.02)
 
-    def __call__(self, tokens, segments=None):
-        """Logits [batch, length, vocab] for integer `tokens` [batch, length]; with `segments`
-        [batch, length] (document ids of packed rows) attention stays within each document."""
-        return self.logits(self.features(tokens, segments))
+    def __call__(self, tokens, segments=None, positions=None):
+        """Logits [batch, length, vocab] for integer `tokens` [batch, length]."""
+        return self.logits(self.features(tokens, segments, positions)[0])
 
-    def features(self, tokens, segments=None):
-        """The last layer's output [batch, length, d_model], before the output layer."""
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    def features(self, tokens, segments=None, positions=None):
+        """The last layer's output [batch, length, d_model] before the output layer, and the
+        layers' aux values. `positions` [batch, length] default to 0, 1, ...; with `segments`
+        (document ids of packed rows) attention stays within each document."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         extra = () if segments is None else (segments,)  # per-example, like positions
         return self.layer_runner(self.layers, self._embed(tokens), positions, *extra)
 
@@ -285,7 +253,8 @@ class Llama(nnx.Module):
 
         def layer(x, inputs):
             params, k, v = inputs
-            return nnx.merge(graphdef, params)(x, positions, cache=(k, v, start))
+            x, _, kv = nnx.merge(graphdef, params)(x, positions, cache=(k, v, start))
+            return x, kv
 
         x, (k_all, v_all) = jax.lax.scan(layer, self._embed(tokens), (stacked, k_all, v_all))
         return self.logits(x), (k_all, v_all)

@@ -1,0 +1,142 @@
+"""Decoder building blocks, each replaceable: norms, rotary positions, attention kernels (a
+registry by name), feed-forward blocks (a registry by name), and remat policies that may name
+the activations to save.
+
+A block returns `(y, aux)`: `aux` maps names to scalars the block wants logged or added to the
+loss (an MoE router's balance loss, say); the layer stack averages them over layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from sharding import constrain
+
+Aux = dict[str, jax.Array]
+
+# Activations tagged with `checkpoint_name`, which `--model.remat=save:NAME,...` can keep.
+ACTIVATION_NAMES = ("query", "key", "value", "attention", "attn_out", "mlp_hidden", "mlp_out")
+
+_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_HELP = (
+    "none, full, dots (keep matmul outputs), dots_no_batch (keep only weight-like matmul "
+    f"outputs), or save:NAME,... to keep just these activations ({', '.join(ACTIVATION_NAMES)})"
+)
+
+
+def remat_policy(name: str) -> Callable | None:
+    """The `jax.checkpoint` policy of a remat setting; None for 'none' (no remat)."""
+    if name == "none":
+        return None
+    if name in _POLICIES:
+        return _POLICIES[name]
+    if name.startswith("save:"):
+        names = tuple(n for n in name[5:].split(",") if n)
+        unknown = [n for n in names if n not in ACTIVATION_NAMES]
+        if names and not unknown:
+            return jax.checkpoint_policies.save_only_these_names(*names)
+    raise ValueError(f"--model.remat={name} is not a remat policy; use {REMAT_HELP}.")
+
+
+def param(rngs: nnx.Rngs, shape, names, stddev: float) -> nnx.Param:
+    value = stddev * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, out_sharding=names)
+
+
+def zeros(shape, names) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, jnp.float32), out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, name: str = "embed"):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(name,))
+        self.eps = eps
+
+    def __call__(self, x):
+        # Statistics in fp32 whatever the compute dtype: bf16 variance loses too many bits.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x, positions, freq):
+    """Rotate pairs (i, i + D/2) of `x` [batch, length, heads, D] by position-dependent angles."""
+    angle = positions[:, :, None, None].astype(jnp.float32) * freq
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ---------------------------------------------------------------- attention kernels
+
+
+def xla_attention(q, k, v, visible=None, segments=None):
+    """Grouped-query attention as einsums; q [B,T,H,D], k/v [B,S,K,D] with H a multiple of K.
+    Causal (S = T) and, with `segments` [B,T], within a document only; or keys where
+    `visible` [B,T,S] is True (decoding from a cache)."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * d**-0.5
+    if visible is None:
+        visible = jnp.tril(jnp.ones((t, t), bool))
+        if segments is not None:
+            visible = visible & (segments[:, :, None] == segments[:, None, :])
+    if visible.ndim == 3:
+        visible = visible[:, None, None]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def cudnn_attention(q, k, v, visible=None, segments=None):
+    """jax.nn.dot_product_attention's fused cuDNN kernel (NVIDIA GPUs, 16-bit inputs); decoding
+    from a cache (`visible`) falls back to the einsums."""
+    if visible is not None:
+        return xla_attention(q, k, v, visible, segments)
+    mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+
+
+# name -> kernel(q, k, v, visible=None, segments=None); context-parallel kernels register here.
+ATTENTION: dict[str, Callable] = {"xla": xla_attention, "cudnn": cudnn_attention}
+
+
+def attention(q, k, v, impl: str, visible=None, segments=None):
+    """The kernel registered as `impl`."""
+    return ATTENTION[impl](q, k, v, visible, segments)
+
+
+# ---------------------------------------------------------------- feed-forward blocks
+
+
+class SwiGLU(nnx.Module):
+    """The dense feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        std, out_std = 0.02, 0.02 / (2 * cfg.n_layers) ** 0.5
+        self.w_gate = param(rngs, (d, f), ("embed", "mlp"), std)
+        self.w_up = param(rngs, (d, f), ("embed", "mlp"), std)
+        self.w_down = param(rngs, (f, d), ("mlp", "embed"), out_std)
+
+    def __call__(self, h) -> tuple[jax.Array, Aux]:
+        gate = jnp.einsum("btd,df->btf", h, self.w_gate[...])
+        up = jnp.einsum("btd,df->btf", h, self.w_up[...])
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        hidden = checkpoint_name(hidden, "mlp_hidden")
+        return checkpoint_name(jnp.einsum("btf,fd->btd", hidden, self.w_down[...]), "mlp_out"), {}
+
+
+# name -> class(cfg, rngs), called as block(h) -> (y, aux); an MoE block registers here.
+FEED_FORWARD: dict[str, Callable] = {"swiglu": SwiGLU}

@@ -1,0 +1,91 @@
+"""Model families, keyed by Hugging Face `model_type`: what the trainer, checkpoint export,
+generation and Hugging Face interop ask instead of assuming Llama.
+
+A family holds its architecture config class, its module, the config mapping both ways and a
+tensor table (Hugging Face name templates indexed by `{layer}` and `{expert}`), and its FLOP
+count, which metrics and benchmarks share. Adding a family is one `register` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from models import llama_hf
+from models.llama import Llama, LlamaConfig
+from models.vision import ClassifierConfig, MLPClassifier
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    config: type
+    """The architecture config dataclass."""
+    build: Callable[..., Any]
+    """(arch, rngs, *, remat, attention) -> nnx.Module; plan keys a family lacks are ignored."""
+    flops_per_token: Callable[[Any, int], float]
+    """(arch, seq_len) -> training FLOPs per token (per example for classifiers)."""
+    from_hf: Callable[[dict, str], Any] | None = None
+    """(config.json dict, where) -> arch; raises ValueError naming what is unsupported."""
+    to_hf: Callable[[Any, str], dict] | None = None
+    """(arch, dtype name) -> config.json dict."""
+    tensors: dict[tuple[str, ...], tuple[str, Callable, Callable]] | None = None
+    """Our param path -> (HF name template, HF -> ours, ours -> HF)."""
+    sequence_model: bool = True
+    """Has a stack of layers over a sequence (pipelines, generation, loss chunks)."""
+
+    def arch(self, values: dict) -> Any:
+        """The architecture config from a dict that may hold other keys too (a run's
+        config.json `model` section also holds plan keys)."""
+        names = {f.name for f in dataclasses.fields(self.config)}
+        return self.config(**{k: v for k, v in values.items() if k in names})
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily, *aliases: str) -> ModelFamily:
+    for key in (family.name, *aliases):
+        FAMILIES[key] = family
+    return family
+
+
+def family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise KeyError(
+            f"model family '{name}' is not registered; registered: {', '.join(sorted(FAMILIES))}."
+        )
+    return FAMILIES[name]
+
+
+def _llama(arch: LlamaConfig, rngs, *, remat: str = "none", attention: str = "xla") -> Llama:
+    return Llama(arch, rngs, remat=remat, attention=attention)
+
+
+def _classifier(arch: ClassifierConfig, rngs, **plan) -> MLPClassifier:
+    return MLPClassifier(arch, rngs)
+
+
+LLAMA = register(
+    ModelFamily(
+        "llama",
+        LlamaConfig,
+        _llama,
+        LlamaConfig.flops_per_token,
+        llama_hf.config_from_hf,
+        llama_hf.config_to_hf,
+        llama_hf.TENSORS,
+    ),
+    "mistral",
+    "qwen2",  # recognised so that config_from_hf can say what it lacks (q/k/v biases)
+)
+MLP = register(
+    ModelFamily(
+        "mlp_classifier",
+        ClassifierConfig,
+        _classifier,
+        ClassifierConfig.flops_per_token,
+        sequence_model=False,
+    )
+)
