@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from engine.config import ConfigError
 from engine.step import TrainState
-from sharding import RULE_PRESETS, restage, tree_shardings, unstage
+from sharding import restage, stages_of, tree_shardings, unstage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +52,9 @@ class Layout:
     checkpoints use, with the shardings of this run's mesh on both sides."""
 
     def __init__(self, run):
-        stages, repeats = run.mesh.shape["pipeline"], run.cfg.pipeline.repeats
+        stages, repeats = stages_of(run.mesh), run.plan.pipeline.repeats
         canonical = jax.eval_shape(unstage, run.state)
-        shardings = tree_shardings(canonical, run.mesh, RULE_PRESETS[run.cfg.rules])
+        shardings = tree_shardings(canonical, run.mesh, run.plan.rules)
         self.abstract = _abstract(canonical, shardings)
         self.to_canonical = self.state_from_canonical = self.params_from_canonical = _same
         if stages > 1:
@@ -86,6 +86,8 @@ class Checkpoints:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.layout = Layout(run)
+        # Not stored: a resumed run uses the optimizer settings it is given now.
+        self.hyperparams = run.state.hyperparams
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -155,7 +157,11 @@ class Checkpoints:
         )
         train = restored["train"]
         state = TrainState(
-            train["step"], restored["params"], train["opt_state"], train.get("loss_scale")
+            train["step"],
+            restored["params"],
+            train["opt_state"],
+            train.get("loss_scale"),
+            self.hyperparams,
         )
         return self.layout.state_from_canonical(state)
 
@@ -198,18 +204,21 @@ def find_params(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path):
-    """The Llama of a run directory, checkpoint or params export (its newest params, on one
+    """The model of a run directory, checkpoint or params export (its newest params, on one
     device) and the config dict it was written with: inference and conversion."""
     from flax import nnx
 
-    from models import Llama, LlamaConfig
+    from engine.family import TASK_FAMILY
+    from models.registry import family
 
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{path} has no config.json; pass a run directory or params export.")
     config = json.loads(config_path.read_text())
-    abstract = nnx.eval_shape(lambda: Llama(LlamaConfig(**config["model"]), nnx.Rngs(0)))
+    fam = family(TASK_FAMILY[config.get("task", "lm")])
+    section = config["model"] if fam.sequence_model else config.get("classifier", {})
+    abstract = nnx.eval_shape(lambda: fam.build(fam.arch(section), nnx.Rngs(0)))
     graphdef, target = nnx.split(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)

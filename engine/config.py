@@ -16,6 +16,7 @@ import tyro
 
 from engine.optim import OptimConfig
 from models import LLAMA_PRESETS, ClassifierConfig, LlamaConfig
+from models.layers import ATTENTION, remat_policy
 from sharding import MeshConfig, PipelineConfig
 
 
@@ -25,6 +26,34 @@ class ConfigError(ValueError):
 
 class TrainingHalted(RuntimeError):
     """The run stopped itself (non-finite loss); the message names the step and what was kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(LlamaConfig):
+    """The architecture (models.LlamaConfig), and three execution-plan keys that live here on
+    the command line (engine.plan.Plan.from_config collects them)."""
+
+    remat: str = "none"
+    """Activations recomputed in the backward pass: none, full, dots (keep matmul outputs),
+    dots_no_batch (keep only weight-like matmul outputs), save:NAME,... (keep these)."""
+    attention: str = "xla"
+    """Attention kernel (models.layers.ATTENTION): xla (einsums) or cudnn
+    (jax.nn.dot_product_attention's fused kernel; GPU, bf16/fp16 only)."""
+    loss_chunks: int = 1
+    """Training: run the output layer and loss over this many pieces of the sequence, each
+    recomputed in the backward pass, so [batch, length, vocab] logits never exist at once
+    (large vocabularies: less memory for one more output-layer matmul)."""
+
+    @property
+    def arch(self) -> LlamaConfig:
+        """The architecture alone."""
+        return LlamaConfig(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(LlamaConfig)}
+        )
+
+    @classmethod
+    def of(cls, arch: LlamaConfig, **plan_keys) -> ModelConfig:
+        return cls(**dataclasses.asdict(arch), **plan_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,12 +139,15 @@ class Config:
 
     task: Literal["lm", "digits"] = "lm"
     """lm: Llama language model on --data.source; digits: MLP on 8x8 handwritten digits."""
-    model: LlamaConfig = LlamaConfig()
+    model: ModelConfig = ModelConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     mesh: MeshConfig = MeshConfig()
     pipeline: PipelineConfig = PipelineConfig()
-    rules: Literal["default", "no_zero3"] = "default"
-    """Rule table mapping logical axis names to mesh axes (sharding.RULE_PRESETS)."""
+    rules: str = "default"
+    """Rule table mapping logical axis names to mesh axes: a preset (default, no_zero3) or a
+    .json/.yaml file of logical name -> list of mesh axes (names it omits keep the default)."""
+    rule_overrides: tuple[str, ...] = ()
+    """NAME=AXIS,AXIS entries on top of --rules, e.g. `embed=fsdp vocab=` (empty: never split)."""
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -148,14 +180,14 @@ class Config:
     export) with a fresh optimizer and step 0: fine-tuning."""
     init_from_hf: str | None = None
     """Start from a Hugging Face Llama-family directory's weights; its config.json sets the
-    model shape (--model.remat and --model.attention still apply)."""
+    architecture (every execution-plan key, e.g. --model.remat, still applies)."""
     debug: DebugConfig = DebugConfig()
 
 
 PRESETS: dict[str, Config] = {
     # CPU tests: a 2-layer model, well under a second a step on 8 virtual devices.
     "tiny": Config(
-        model=LLAMA_PRESETS["tiny"],
+        model=ModelConfig.of(LLAMA_PRESETS["tiny"]),
         steps=20,
         batch_size=16,
         data=DataConfig(seq_len=64, eval_batches=2),
@@ -176,7 +208,7 @@ PRESETS: dict[str, Config] = {
     ),
     # ~125M params, 32k vocabulary, bf16 at 1k context: one GPU, or the memory benchmark.
     "small": Config(
-        model=LLAMA_PRESETS["small"],
+        model=ModelConfig.of(LLAMA_PRESETS["small"]),
         precision="bf16",
         batch_size=32,
         steps=1000,
@@ -188,7 +220,7 @@ PRESETS: dict[str, Config] = {
     ),
     # Llama 3.2 1B shapes in bf16 at 2k context: a GPU/TPU run, not for CPU.
     "1b": Config(
-        model=dataclasses.replace(LLAMA_PRESETS["1b"], remat="dots_no_batch"),
+        model=ModelConfig.of(LLAMA_PRESETS["1b"], remat="dots_no_batch"),
         precision="bf16",
         batch_size=8,
         steps=200,
@@ -200,7 +232,7 @@ PRESETS: dict[str, Config] = {
     ),
     # Llama 3 8B shapes in bf16 at 4k context, fully rematerialized: needs FSDP over many devices.
     "8b": Config(
-        model=dataclasses.replace(LLAMA_PRESETS["8b"], remat="full"),
+        model=ModelConfig.of(LLAMA_PRESETS["8b"], remat="full"),
         precision="bf16",
         batch_size=8,
         steps=200,
@@ -278,8 +310,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
 
 
-def validate(cfg: Config) -> None:
-    """Reject values no run can use, naming the flag; shape checks against the mesh come later."""
+def config_errors(cfg: Config) -> list[ConfigError]:
+    """Every value no run can use, each naming its flag; checks against the mesh and the
+    model's shapes are engine.plan.violations'."""
+    errors = []
     positive = {
         "--steps": cfg.steps,
         "--batch_size": cfg.batch_size,
@@ -306,12 +340,30 @@ def validate(cfg: Config) -> None:
     }
     for flag, value in positive.items():
         if value <= 0:
-            raise ConfigError(f"{flag}={value} must be positive.")
+            errors.append(ConfigError(f"{flag}={value} must be positive."))
     for flag, value in non_negative.items():
         if value < 0:
-            raise ConfigError(f"{flag}={value} must not be negative.")
-    if cfg.task == "lm" and cfg.data.seq_len % cfg.model.loss_chunks:
-        raise ConfigError(
-            f"--model.loss_chunks={cfg.model.loss_chunks} does not divide "
-            f"--data.seq_len={cfg.data.seq_len}; use a divisor of the sequence length."
-        )
+            errors.append(ConfigError(f"{flag}={value} must not be negative."))
+    try:
+        remat_policy(cfg.model.remat)
+    except ValueError as e:
+        errors.append(ConfigError(str(e)))
+    if cfg.model.attention not in ATTENTION:
+        errors.append(ConfigError(
+            f"--model.attention={cfg.model.attention} is not an attention kernel; use one of "
+            f"{', '.join(ATTENTION)}."
+        ))  # fmt: skip
+    chunks = cfg.model.loss_chunks
+    if cfg.task == "lm" and chunks > 0 and cfg.data.seq_len > 0 and cfg.data.seq_len % chunks:
+        errors.append(ConfigError(
+            f"--model.loss_chunks={chunks} does not divide --data.seq_len={cfg.data.seq_len}; "
+            "use a divisor of the sequence length."
+        ))  # fmt: skip
+    return errors
+
+
+def validate(cfg: Config) -> None:
+    """Raise the first of `config_errors`."""
+    errors = config_errors(cfg)
+    if errors:
+        raise errors[0]

@@ -20,7 +20,7 @@ import grain
 import numpy as np
 
 from engine.config import DataConfig
-from engine.sources import TokenStream, token_stream
+from engine.sources import TokenStream, make_tokenizer, token_stream
 
 Batch = dict[str, np.ndarray]
 
@@ -46,6 +46,10 @@ def pack(
 class TextTask:
     """Shuffled, non-overlapping windows of a token stream (packed documents)."""
 
+    # Logical names of each batch array's dimensions: the rule table shards them.
+    batch_names = {k: ("batch", "length") for k in ("inputs", "targets", "mask", "segments",
+                                                   "positions")}  # fmt: skip
+
     def __init__(self, data: DataConfig, batch_size: int, seed: int):
         self.seq_len, self.batch_size = data.seq_len, batch_size
         self.eval_batches, self.segments = data.eval_batches, data.document_mask
@@ -55,6 +59,27 @@ class TextTask:
         self.windows = (len(self.stream.train) - 1) // data.seq_len
         # Window id of every example index (lazy, O(1) each): grain's per-epoch index shuffle.
         self.order = grain.MapDataset.range(self.windows).shuffle(seed=seed)
+        # Bytes need a tokenizer: the byte-level one for byte streams, or the one named.
+        byte_stream = data.tokenizer == "byte" and self.vocab_size <= 256
+        self.tokenizer = make_tokenizer(data) if byte_stream or data.tokenizer != "byte" else None
+        self._eval_bytes: int | None = None
+
+    def eval_bytes(self) -> int | None:
+        """UTF-8 bytes of the text that the counted eval targets spell (all rows), for bits per
+        byte; None when the stream's tokenizer is unknown (a bare token file)."""
+        if self.tokenizer is None:
+            return None
+        if self._eval_bytes is None:
+            total = 0
+            for batch in self.eval_iter():
+                for targets, mask in zip(batch["targets"], batch["mask"], strict=True):
+                    # Runs of counted targets decode together: a character may span tokens.
+                    cuts = np.flatnonzero(mask == 0)
+                    pieces = np.split(targets, cuts)
+                    pieces = pieces[:1] + [p[1:] for p in pieces[1:]]  # the uncounted target
+                    total += sum(self.tokenizer.count_bytes(p) for p in pieces if len(p))
+            self._eval_bytes = total
+        return self._eval_bytes
 
     def sample_ids(self, step: int, rows: range) -> np.ndarray:
         first = step * self.batch_size
@@ -78,6 +103,8 @@ class TextTask:
 
 class DigitsTask:
     """8x8 digit images scaled to [0, 1]; train batches sampled per step, eval covers all of val."""
+
+    batch_names = {"inputs": ("batch", None), "targets": ("batch",), "mask": ("batch",)}
 
     def __init__(self, batch_size: int, seed: int):
         from sklearn.datasets import load_digits
@@ -113,6 +140,22 @@ class DigitsTask:
                 "mask": np.pad(np.ones(len(y), np.float32), (0, pad)),
             }
             yield {k: v[rows.start : rows.stop] for k, v in batch.items()}
+
+
+TASKS = {"lm": TextTask, "digits": DigitsTask}
+
+
+def batch_shapes(task: str, data: DataConfig, batch_size: int) -> dict[str, tuple]:
+    """(shape, dtype) of each array of a global batch, from the config alone: what an abstract
+    compile needs, without opening the data."""
+    if task == "digits":
+        return {"inputs": ((batch_size, 64), np.float32), "targets": ((batch_size,), np.int32),
+                "mask": ((batch_size,), np.float32)}  # fmt: skip
+    rows = (batch_size, data.seq_len)
+    shapes = {"inputs": (rows, np.int32), "targets": (rows, np.int32), "mask": (rows, np.float32)}
+    if data.document_mask:
+        shapes["segments"] = (rows, np.int32)
+    return shapes
 
 
 def make_task(task: str, data: DataConfig, batch_size: int, seed: int):

@@ -116,6 +116,11 @@ def _from_run(run_dir: Path):
     from engine.sources import make_tokenizer
 
     model, config = load_model(run_dir)
+    if not hasattr(model, "decode"):
+        raise ConfigError(
+            f"{run_dir} holds a --task={config.get('task')} model, which does not generate "
+            "text; pass the run directory of a language model."
+        )
     data = DataConfig(**{k: v for k, v in config.get("data", {}).items() if k != "source"})
     return model, make_tokenizer(data)
 

@@ -1,4 +1,5 @@
-"""Hugging Face interop: Llama-family directories (config.json + safetensors) in and out.
+"""Hugging Face interop: directories (config.json + safetensors) of any registered family
+(models.registry: llama, mistral) in and out.
 
     from engine import hf
     model = hf.load("path/to/Llama-3.2-1B")        # Flax NNX module; model(tokens) -> logits
@@ -8,18 +9,21 @@
     python -m engine.hf export RUN_OR_EXPORT OUT   # newest checkpoint -> HF directory
 
 Tensors are read by memmap and placed one at a time, each device receiving only its shard, so a
-host never holds a second copy of the model. Weights map one to one: Hugging Face's `[out, in]`
-linear weights are transposed and heads split out; both sides rotate pairs (i, i + D/2).
+host never holds a second copy of the model. Names and layouts come from the family's tensor
+table (e.g. models/llama_hf.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
+import string
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -27,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from engine.config import ConfigError
-from models import Llama, LlamaConfig
+from models.registry import FAMILIES, ModelFamily
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -120,156 +124,67 @@ class Checkpoint:
         return value
 
 
-# ---------------------------------------------------------------- config
+# ---------------------------------------------------------------- config and tensor names
 
 
-def config_from_hf(c: dict, where: str = "config.json") -> LlamaConfig:
-    """A LlamaConfig for a Hugging Face Llama-family config, or a ConfigError naming the field
-    shardtrain's Llama does not have."""
+def family_of(c: dict, where: str = "config.json") -> ModelFamily:
+    """The registered family of a Hugging Face config's model_type."""
     kind = c.get("model_type")
-    if kind not in ("llama", "mistral", "qwen2"):
+    fam = FAMILIES.get(kind)
+    if fam is None or fam.from_hf is None:
+        hf_kinds = sorted(k for k, f in FAMILIES.items() if f.from_hf is not None)
         raise ConfigError(
-            f"{where}: model_type '{kind}' is not supported; shardtrain imports Llama-family "
-            "models (llama, mistral without sliding window)."
+            f"{where}: model_type '{kind}' is not supported; shardtrain imports "
+            f"{', '.join(hf_kinds)} (mistral without sliding window)."
         )
-    if kind == "qwen2":
-        raise ConfigError(
-            f"{where}: model_type 'qwen2' has q/k/v projection biases, which shardtrain's Llama "
-            "does not; Llama and Mistral (without sliding window) layouts are supported."
-        )
-    unsupported = {
-        "hidden_act": c.get("hidden_act", "silu") != "silu",
-        "attention_bias": bool(c.get("attention_bias")),
-        "mlp_bias": bool(c.get("mlp_bias")),
-        "sliding_window": bool(c.get("sliding_window")) and bool(c.get("use_sliding_window", 1)),
-    }
-    for field, bad in unsupported.items():
-        if bad:
-            raise ConfigError(
-                f"{where}: {field}={c[field]} is not supported by shardtrain's Llama "
-                "(SiLU MLP, no biases, full attention)."
-            )
-    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ConfigError(
-            f"{where}: rope type '{rope_type}' is not supported; shardtrain has default and "
-            "llama3 rotary embeddings."
-        )
-    heads = c["num_attention_heads"]
-    scaling = {}
-    if rope_type == "llama3":
-        scaling = dict(
-            rope_scaling="llama3",
-            rope_factor=float(rope["factor"]),
-            rope_low_freq_factor=float(rope["low_freq_factor"]),
-            rope_high_freq_factor=float(rope["high_freq_factor"]),
-            rope_original_max_len=int(rope["original_max_position_embeddings"]),
-        )
-    return LlamaConfig(
-        vocab_size=c["vocab_size"],
-        d_model=c["hidden_size"],
-        n_layers=c["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=c.get("num_key_value_heads") or heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-        d_ff=c["intermediate_size"],
-        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10_000.0))),
-        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        **scaling,
-    )
+    return fam
 
 
-def config_to_hf(cfg: LlamaConfig, dtype: str) -> dict:
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling == "llama3":
-        rope.update(
-            rope_type="llama3",
-            factor=cfg.rope_factor,
-            low_freq_factor=cfg.rope_low_freq_factor,
-            high_freq_factor=cfg.rope_high_freq_factor,
-            original_max_position_embeddings=cfg.rope_original_max_len,
-        )
-    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "max_position_embeddings": max(8192, cfg.rope_original_max_len),
-        # Both spellings: transformers >= 5 reads rope_parameters, 4.x rope_theta/rope_scaling.
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": scaling if cfg.rope_scaling != "none" else None,
-        "rope_parameters": rope,
-        "torch_dtype": dtype,
-        "dtype": dtype,
-    }
+def config_from_hf(c: dict, where: str = "config.json"):
+    """The architecture config of a Hugging Face config.json, or a ConfigError naming the
+    field shardtrain does not support."""
+    try:
+        return family_of(c, where).from_hf(c, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
-# ---------------------------------------------------------------- weight names and layouts
+def _family(cfg) -> ModelFamily:
+    return next(f for f in FAMILIES.values() if isinstance(cfg, f.config) and f.tensors)
 
 
-def _t(w, cfg):
-    return w.T
+def _indices(template: str) -> list[str]:
+    """The index fields of a name template, in order: 'a.{layer}.b' -> ['layer']."""
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field]
 
 
-def _same(w, cfg):
-    return w
-
-
-# shardtrain param path -> (HF name, HF -> ours, ours -> HF). Layer names get the prefix
-# `model.layers.{i}.`; ours are stacked on a leading layers axis.
-LAYER = {
-    ("attn_norm", "scale"): ("input_layernorm.weight", _same, _same),
-    ("wq",): ("self_attn.q_proj.weight",
-              lambda w, c: w.T.reshape(c.d_model, c.n_heads, c.head_dim),
-              lambda w, c: w.reshape(c.d_model, -1).T),
-    ("wk",): ("self_attn.k_proj.weight",
-              lambda w, c: w.T.reshape(c.d_model, c.n_kv_heads, c.head_dim),
-              lambda w, c: w.reshape(c.d_model, -1).T),
-    ("wv",): ("self_attn.v_proj.weight",
-              lambda w, c: w.T.reshape(c.d_model, c.n_kv_heads, c.head_dim),
-              lambda w, c: w.reshape(c.d_model, -1).T),
-    ("wo",): ("self_attn.o_proj.weight",
-              lambda w, c: w.T.reshape(c.n_heads, c.head_dim, c.d_model),
-              lambda w, c: w.reshape(-1, c.d_model).T),
-    ("mlp_norm", "scale"): ("post_attention_layernorm.weight", _same, _same),
-    ("w_gate",): ("mlp.gate_proj.weight", _t, _t),
-    ("w_up",): ("mlp.up_proj.weight", _t, _t),
-    ("w_down",): ("mlp.down_proj.weight", _t, _t),
-}  # fmt: skip
-TOP = {
-    ("embed",): ("model.embed_tokens.weight", _same, _same),
-    ("final_norm", "scale"): ("model.norm.weight", _same, _same),
-    ("head",): ("lm_head.weight", _t, _t),
-}
+def _table(path, cfg) -> tuple[str, int, Any, Any]:
+    """(template, stacked leading dims, HF -> ours, ours -> HF) of one of our params."""
+    template, to_ours, to_hf = _family(cfg).tensors[path]
+    return template, len(_indices(template)), to_ours, to_hf
 
 
 def _hf_shape(path, ours_shape, cfg) -> tuple:
     """The HF tensor's shape for one of our params (one layer's, for stacked ones)."""
-    table, shape = (LAYER, ours_shape[1:]) if path[0] == "layers" else (TOP, ours_shape)
-    key = path[1:] if path[0] == "layers" else path
+    _, stacked, _, to_hf = _table(path, cfg)
     # Traced, not run: a real array of the embedding's size just to read a shape is waste.
-    to_hf = table[key][2]
+    shape = ours_shape[stacked:]
     return jax.eval_shape(lambda w: to_hf(w, cfg), jax.ShapeDtypeStruct(shape, np.int8)).shape
+
+
+def _names(path, shape, cfg):
+    """(HF name, index into our stacked leading dims) for every HF tensor of one param."""
+    template, stacked, _, _ = _table(path, cfg)
+    fields = _indices(template)
+    for index in itertools.product(*(range(n) for n in shape[:stacked])):
+        yield template.format(**dict(zip(fields, index, strict=True))), index
 
 
 def _key(path) -> tuple[str, ...]:
     return tuple(str(getattr(p, "key", p)) for p in path)
 
 
-def load_params(ckpt: Checkpoint, cfg: LlamaConfig, abstract):
+def load_params(ckpt: Checkpoint, cfg, abstract):
     """Params for `abstract` (a pure-dict tree of ShapeDtypeStructs with shardings), read from
     `ckpt` tensor by tensor; each device gets only its shard."""
 
@@ -277,20 +192,17 @@ def load_params(ckpt: Checkpoint, cfg: LlamaConfig, abstract):
         path = _key(path)
         index = leaf.sharding.addressable_devices_indices_map(leaf.shape)
         shards = {d: np.empty(_shard_shape(leaf.shape, i), leaf.dtype) for d, i in index.items()}
-        if path[0] == "layers":
-            name, to_ours, _ = LAYER[path[1:]]
-            hf_shape = _hf_shape(path, leaf.shape, cfg)
-            for layer in range(cfg.n_layers):
-                value = to_ours(ckpt.get(f"model.layers.{layer}.{name}", hf_shape), cfg)
-                for d, i in index.items():
-                    rows = range(*i[0].indices(leaf.shape[0]))
-                    if layer in rows:
-                        shards[d][layer - rows.start] = value[i[1:]]
-        else:
-            name, to_ours, _ = TOP[path]
-            value = to_ours(ckpt.get(name, _hf_shape(path, leaf.shape, cfg)), cfg)
+        _, stacked, to_ours, _ = _table(path, cfg)
+        hf_shape = _hf_shape(path, leaf.shape, cfg)
+        for name, at in _names(path, leaf.shape, cfg):
+            value = to_ours(ckpt.get(name, hf_shape), cfg)
             for d, i in index.items():
-                shards[d][...] = value[i]
+                spans = [
+                    range(*s.indices(n)) for s, n in zip(i[:stacked], leaf.shape, strict=False)
+                ]
+                if all(k in r for k, r in zip(at, spans, strict=True)):
+                    local = tuple(k - r.start for k, r in zip(at, spans, strict=True))
+                    shards[d][local] = value[i[stacked:]]
         arrays = [jax.device_put(shards[d], d) for d in index]
         return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, arrays)
 
@@ -301,24 +213,19 @@ def _shard_shape(shape, index) -> tuple:
     return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True))
 
 
-def hf_tensors(params, cfg: LlamaConfig) -> dict[str, tuple]:
-    """HF tensor name -> (HF shape, our leaf, layer index or None, ours -> HF) for a pure-dict
-    param tree in the canonical layout (leaves may be arrays or ShapeDtypeStructs)."""
+def hf_tensors(params, cfg) -> dict[str, tuple]:
+    """HF tensor name -> (HF shape, our leaf, index into its stacked dims, ours -> HF) for a
+    pure-dict param tree in the canonical layout (leaves may be arrays or ShapeDtypeStructs)."""
     tensors = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         path = _key(path)
-        shape = _hf_shape(path, leaf.shape, cfg)
-        if path[0] == "layers":
-            name, _, to_hf = LAYER[path[1:]]
-            for layer in range(cfg.n_layers):
-                tensors[f"model.layers.{layer}.{name}"] = (shape, leaf, layer, to_hf)
-        else:
-            name, _, to_hf = TOP[path]
-            tensors[name] = (shape, leaf, None, to_hf)
+        shape, (_, _, _, to_hf) = _hf_shape(path, leaf.shape, cfg), _table(path, cfg)
+        for name, index in _names(path, leaf.shape, cfg):
+            tensors[name] = (shape, leaf, index, to_hf)
     return tensors
 
 
-def save_params(params: dict, cfg: LlamaConfig, out: str | Path, dtype: str = "float32") -> Path:
+def save_params(params: dict, cfg, out: str | Path, dtype: str = "float32") -> Path:
     """Write a pure-dict param tree (canonical layout) as a Hugging Face directory."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,27 +233,30 @@ def save_params(params: dict, cfg: LlamaConfig, out: str | Path, dtype: str = "f
     tensors = hf_tensors(params, cfg)
 
     def fetch(name):
-        _, leaf, layer, to_hf = tensors[name]
-        value = np.asarray(leaf if layer is None else leaf[layer])  # one tensor gathered
+        _, leaf, index, to_hf = tensors[name]
+        value = np.asarray(leaf[index])  # one tensor gathered
         return to_hf(value, cfg).astype(np.float32).astype(np_dtype)
 
     shapes = {name: (t[0], np_dtype) for name, t in tensors.items()}
     write_safetensors(out / "model.safetensors", shapes, fetch)
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
+    config = _family(cfg).to_hf(cfg, dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
 # ---------------------------------------------------------------- the model API
 
 
-def load(hf_dir: str | Path, mesh: jax.sharding.Mesh | None = None, rules=None) -> Llama:
-    """The shardtrain Llama (Flax NNX) with the weights of a Hugging Face directory, sharded
+def load(hf_dir: str | Path, mesh: jax.sharding.Mesh | None = None, rules=None) -> nnx.Module:
+    """The shardtrain model (Flax NNX) with the weights of a Hugging Face directory, sharded
     over `mesh` by the rule table (default: one device)."""
     from sharding import RULE_PRESETS, tree_shardings
 
     ckpt = Checkpoint(hf_dir)
-    cfg = config_from_hf(ckpt.config, f"{ckpt.dir}/config.json")
-    abstract_model = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
+    where = f"{ckpt.dir}/config.json"
+    fam = family_of(ckpt.config, where)
+    cfg = config_from_hf(ckpt.config, where)
+    abstract_model = nnx.eval_shape(lambda: fam.build(cfg, nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
     if mesh is None:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -366,7 +276,7 @@ def load(hf_dir: str | Path, mesh: jax.sharding.Mesh | None = None, rules=None) 
     return nnx.merge(graphdef, state)
 
 
-def save(model: Llama, out_dir: str | Path, dtype: str = "float32") -> Path:
+def save(model: nnx.Module, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Write `model` as a Hugging Face directory (config.json + model.safetensors)."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return save_params(params, model.cfg, out_dir, dtype)
@@ -376,11 +286,13 @@ def save(model: Llama, out_dir: str | Path, dtype: str = "float32") -> Path:
 
 
 def model_config(cfg):
-    """`cfg` (engine Config) with the model shape of its --init_from_hf directory."""
+    """`cfg` (engine Config) with the architecture of its --init_from_hf directory; every
+    execution-plan key (remat, attention, loss chunks, ...) stays as given."""
     ckpt_cfg = Checkpoint(cfg.init_from_hf).config
-    model = config_from_hf(ckpt_cfg, f"--init_from_hf={cfg.init_from_hf}/config.json")
-    model = dataclasses.replace(model, remat=cfg.model.remat, attention=cfg.model.attention)
-    return dataclasses.replace(cfg, model=model)
+    arch = config_from_hf(ckpt_cfg, f"--init_from_hf={cfg.init_from_hf}/config.json")
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, **dataclasses.asdict(arch))
+    )
 
 
 def restore_params(hf_dir: str | Path, run):
@@ -421,7 +333,7 @@ def _export(source: str, out: str, dtype: str) -> str:
 
     model, _ = load_model(source)
     save(model, out, dtype)
-    return f"exported {source} to {out} as a Hugging Face Llama directory ({dtype})"
+    return f"exported {source} to {out} as a Hugging Face directory ({dtype})"
 
 
 def main(argv: list[str] | None = None) -> int:

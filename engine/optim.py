@@ -1,10 +1,17 @@
-"""AdamW with linear warmup and cosine decay (optax); global-norm clipping lives in the step."""
+"""AdamW with linear warmup and cosine decay (optax); global-norm clipping lives in the step.
+
+Every scalar here is a runtime input of the compiled step (`hyperparams`, carried in the train
+state), not a constant compiled into it: runs that differ only in learning rate, warmup, betas,
+weight decay or clipping share one executable and the persistent compilation cache, which is
+what a hyper-parameter search needs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -25,8 +32,50 @@ class OptimConfig:
     """Gradient accumulation: split the global batch into this many sequential microbatches."""
 
 
+def hyperparams(cfg: OptimConfig, total_steps: int) -> dict[str, jax.Array]:
+    """The runtime scalars of the optimizer and its schedule, as float32 arrays."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    values = {
+        "lr": cfg.lr,
+        "warmup_steps": warmup,
+        "decay_steps": max(total_steps, warmup + 1),
+        "min_lr_ratio": cfg.min_lr_ratio,
+        "b1": cfg.b1,
+        "b2": cfg.b2,
+        "eps": cfg.eps,
+        "weight_decay": cfg.weight_decay,
+        "clip_norm": cfg.clip_norm,
+    }
+    return {k: jnp.float32(v) for k, v in values.items()}
+
+
+def learning_rate(h: dict, step: jax.Array) -> jax.Array:
+    """optax.warmup_cosine_decay_schedule(0, lr, warmup, decay, lr * min_lr_ratio), computed
+    from runtime values."""
+    step = jnp.asarray(step, jnp.float32)
+    warm = h["lr"] * step / jnp.maximum(h["warmup_steps"], 1.0)
+    progress = jnp.clip((step - h["warmup_steps"]) / (h["decay_steps"] - h["warmup_steps"]), 0, 1)
+    end = h["lr"] * h["min_lr_ratio"]
+    cosine = end + (h["lr"] - end) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < h["warmup_steps"], warm, cosine)
+
+
+def _decay_mask(params):
+    # Decay matrices only: norms and biases keep their scale.
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def adamw(h: dict, lr) -> optax.GradientTransformation:
+    """AdamW whose scalars are (traced) values of `h`; its state has the same structure for
+    any values, so the state made by `make_optimizer` serves it."""
+    return optax.adamw(
+        lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=h["weight_decay"], mask=_decay_mask
+    )
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int):
-    """AdamW and its learning-rate schedule (for logging).
+    """AdamW with its schedule as plain optax (constants compiled in): the train state's
+    initial optimizer state, and the reference the engine's step is tested against.
 
     Clipping (`cfg.clip_norm`) is applied by the train step, which already holds the norm.
     """
@@ -38,14 +87,12 @@ def make_optimizer(cfg: OptimConfig, total_steps: int):
         decay_steps=max(total_steps, warmup + 1),
         end_value=cfg.lr * cfg.min_lr_ratio,
     )
-    # Decay matrices only: norms and biases keep their scale.
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    adamw = optax.adamw(
+    tx = optax.adamw(
         schedule,
         b1=cfg.b1,
         b2=cfg.b2,
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        mask=decay_mask,
+        mask=_decay_mask,
     )
-    return adamw, schedule
+    return tx, schedule

@@ -56,6 +56,10 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= i < 256).decode(errors="replace")
 
+    def count_bytes(self, ids) -> int:
+        """Bytes that `ids` spell: one each."""
+        return len(ids)
+
 
 class HFTokenizer:
     """A Hugging Face `tokenizers` JSON file (the `tokenizer.json` of a model directory)."""
@@ -87,6 +91,10 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
+
+    def count_bytes(self, ids) -> int:
+        """UTF-8 bytes of the text that `ids` spell (special tokens spell none)."""
+        return len(self.decode(ids).encode())
 
 
 def make_tokenizer(cfg: DataConfig):

@@ -7,7 +7,6 @@ both steps once, with explicit in/out shardings and donated state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,6 +15,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from engine.optim import adamw, learning_rate
 from engine.precision import LossScale, Policy
 
 Batch = dict[str, jax.Array]
@@ -27,6 +27,7 @@ class TrainState:
     params: Any  # nnx.State of nnx.Param, each carrying its logical axis names
     opt_state: Any
     loss_scale: LossScale | None  # only under the fp16 policy
+    hyperparams: dict[str, jax.Array]  # engine.optim.hyperparams: runtime, never compiled in
 
 
 def cross_entropy(logits, targets, mask):
@@ -56,22 +57,50 @@ def chunked_cross_entropy(logits_fn, x, targets, mask, chunks: int):
     return totals
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1):
-    """Summed loss, counted tokens and correct predictions of a batch; with `loss_chunks` > 1
-    (a sequence model: `features` then `logits`) the output layer runs in pieces."""
+SUMS = ("loss_sum", "count", "correct")
 
-    def loss_fn(params, batch: Batch):
+
+def make_losses_fn(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1):
+    """`(params, batch) -> named values`: `loss_sum`, `count` (counted tokens) and `correct`
+    (argmax predictions), summed over the batch; then each named aux value the layers report
+    (averaged over layers), e.g. an MoE balance loss.
+
+    A sequence model (`features(inputs, segments, positions) -> (x, aux)`, then `logits(x)`)
+    may run its output layer in `loss_chunks` pieces; any other model is `model(inputs)`."""
+
+    def losses_fn(params, batch: Batch) -> dict[str, jax.Array]:
         model = nnx.merge(graphdef, policy.cast_to_compute(params))
         inputs = policy.cast_to_compute(batch["inputs"])
-        extra = {"segments": batch["segments"]} if "segments" in batch else {}
-        if loss_chunks == 1:
-            logits = policy.cast_to_output(model(inputs, **extra))
-            return cross_entropy(logits, batch["targets"], batch["mask"])
+        if not hasattr(model, "features"):
+            logits = policy.cast_to_output(model(inputs))
+            return dict(
+                zip(SUMS, cross_entropy(logits, batch["targets"], batch["mask"]), strict=True)
+            )
+        features, aux = model.features(inputs, batch.get("segments"), batch.get("positions"))
         logits_fn = lambda x: policy.cast_to_output(model.logits(x))  # noqa: E731
-        features = model.features(inputs, **extra)
-        return chunked_cross_entropy(
-            logits_fn, features, batch["targets"], batch["mask"], loss_chunks
-        )
+        targets, mask = batch["targets"], batch["mask"]
+        if loss_chunks == 1:
+            sums = cross_entropy(logits_fn(features), targets, mask)
+        else:
+            sums = chunked_cross_entropy(logits_fn, features, targets, mask, loss_chunks)
+        clash = set(aux) & set(SUMS)
+        if clash:
+            raise ValueError(f"a layer reports aux value(s) {sorted(clash)}, names the loss uses")
+        return {
+            **dict(zip(SUMS, sums, strict=True)),
+            **{k: v.astype(jnp.float32) for k, v in aux.items()},
+        }
+
+    return losses_fn
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1):
+    """`(params, batch) -> (loss_sum, count, correct)`: make_losses_fn without the aux values."""
+    losses_fn = make_losses_fn(graphdef, policy, loss_chunks)
+
+    def loss_fn(params, batch: Batch):
+        values = losses_fn(params, batch)
+        return tuple(values[k] for k in SUMS)
 
     return loss_fn
 
@@ -92,57 +121,68 @@ def split_microbatches(batch: Batch, n: int, sharding: NamedSharding | None) -> 
 
 def make_train_step(
     graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    schedule: Callable,
     policy: Policy,
-    clip_norm: float = 0.0,
     microbatches: int = 1,
     batch_sharding: NamedSharding | None = None,
     skip_nonfinite: bool = False,
     loss_chunks: int = 1,
+    aux_weights: dict[str, float] | None = None,
 ):
-    """`tx` is the update rule (AdamW); the step itself clips to `clip_norm` (0 = off). With
+    """AdamW (engine.optim) with the state's runtime hyperparameters; the step itself clips
+    the global gradient norm. An aux value named in `aux_weights` is added to the loss with
+    that weight; every aux value is reported as a metric under its name. With
     `skip_nonfinite` (always under loss scaling) a step whose loss or gradient is not finite
     keeps the old params and optimizer state and reports `skipped: 1`."""
     skip_nonfinite = skip_nonfinite or policy.loss_scaling
-    loss_fn = make_loss_fn(graphdef, policy, loss_chunks)
+    losses_fn = make_losses_fn(graphdef, policy, loss_chunks)
+    aux_weights = aux_weights or {}
 
     def scaled_loss(params, batch, scale):
-        loss_sum, count, correct = loss_fn(params, batch)
+        values = losses_fn(params, batch)
+        aux = {k: v for k, v in values.items() if k not in SUMS}
         # Divide by the (static) number of positions, not the counted tokens: a count would
         # need an all-reduce before the backward pass could start. The exact mean is restored
         # by one scalar below, folded into the clipping multiply.
-        return loss_sum * scale / batch["mask"].size, loss_sum
+        objective = values["loss_sum"] / batch["mask"].size
+        if aux_weights:  # weighted so that the mean-restoring multiply leaves them as given
+            tokens = jax.lax.stop_gradient(jnp.sum(batch["mask"])) / batch["mask"].size
+            objective += tokens * sum(w * aux[name] for name, w in aux_weights.items())
+        return objective * scale, (values["loss_sum"], aux)
 
     grad_fn = jax.grad(scaled_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
+        h = state.hyperparams
         scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1)
         if microbatches == 1:
-            grads, loss_sum = grad_fn(state.params, batch, scale)
+            grads, (loss_sum, aux) = grad_fn(state.params, batch, scale)
         else:
             # Accumulate gradients over microbatches; one optimizer update at the end.
             def accumulate(carry, micro):
                 return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro, scale)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0))
             micro = split_microbatches(batch, microbatches, batch_sharding)
-            (grads, loss_sum), _ = jax.lax.scan(accumulate, zeros, micro)
+            shapes = jax.eval_shape(
+                grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), scale
+            )
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grads, (loss_sum, aux)), _ = jax.lax.scan(accumulate, zeros, micro)
+            aux = jax.tree.map(lambda a: a / microbatches, aux)
 
         # One multiply turns the summed, scaled gradients into the clipped mean over counted
         # tokens of the global batch.
         count = jnp.sum(batch["mask"])
         to_mean = batch["mask"].size / (microbatches * count * scale)
         grad_norm = optax.tree.norm(grads) * to_mean
-        factor = to_mean
-        if clip_norm > 0:
-            factor = to_mean * jnp.minimum(1.0, clip_norm / grad_norm)
+        clip = jnp.where(h["clip_norm"] > 0, jnp.minimum(1.0, h["clip_norm"] / grad_norm), 1.0)
+        factor = to_mean * clip
         grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        lr = learning_rate(h, state.step)
+        updates, opt_state = adamw(h, lr).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss_scale = state.loss_scale
-        metrics = {"loss": loss_sum / count, "grad_norm": grad_norm, "lr": schedule(state.step)}
+        metrics = {"loss": loss_sum / count, "grad_norm": grad_norm, "lr": lr, **aux}
         if skip_nonfinite:
             # A non-finite step (an fp16 overflow, a bad batch) keeps the old params and
             # optimizer state; under loss scaling the scale halves.
@@ -153,16 +193,11 @@ def make_train_step(
             if loss_scale is not None:
                 loss_scale = loss_scale.update(finite)
             metrics["skipped"] = 1 - finite.astype(jnp.float32)
-        return TrainState(state.step + 1, params, opt_state, loss_scale), metrics
+        return TrainState(state.step + 1, params, opt_state, loss_scale, h), metrics
 
     return train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1):
-    loss_fn = make_loss_fn(graphdef, policy, loss_chunks)
-
-    def eval_step(params, batch: Batch):
-        loss_sum, count, correct = loss_fn(params, batch)
-        return {"loss_sum": loss_sum, "count": count, "correct": correct}
-
-    return eval_step
+    """`(params, batch) -> named values`: loss_sum, count, correct, and each aux value."""
+    return make_losses_fn(graphdef, policy, loss_chunks)

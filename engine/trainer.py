@@ -1,4 +1,14 @@
-"""Set up a run (mesh, model, sharded state, compiled steps) and train it, top to bottom."""
+"""The training loop, top to bottom, with callbacks; engine.setup builds what it drives.
+
+    from engine.trainer import Callback, train
+    class StopAtLoss(Callback):
+        def on_eval(self, trainer, record):
+            return record["eval_loss"] < 2.0     # True: save and stop the run here
+    train(cfg, callbacks=[StopAtLoss()])
+
+`Trainer(cfg, run=..., task=..., callbacks=...)` takes a prepared run (engine.setup.setup) and
+its own data source (an object like engine.data.TextTask) too.
+"""
 
 from __future__ import annotations
 
@@ -6,239 +16,61 @@ import dataclasses
 import json
 import math
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from engine.checkpoint import Checkpoints, restore_params
-from engine.config import Config, ConfigError, TrainingHalted, validate
-from engine.data import make_task, prefetch
+from engine.config import Config, TrainingHalted
+from engine.data import prefetch
 from engine.distributed import is_primary
+from engine.family import build_model, flops_per_token  # noqa: F401  (the library's API)
 from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_gb, planned_memory_gb
-from engine.optim import make_optimizer
-from engine.precision import POLICIES, LossScale
+from engine.plan import Plan
 from engine.profile import StepTrace
-from engine.step import TrainState, make_eval_step, make_train_step
-from models import Llama, MLPClassifier
-from sharding import (
-    RULE_PRESETS,
-    PipelineConfig,
-    apply_pipeline,
-    axis_rules,
-    batch_sharding,
-    bubble,
-    check_divisible,
-    describe_mesh,
-    make_mesh,
-    mesh_flags,
-    tree_shardings,
-)
+from engine.setup import Run, setup
+from sharding import bubble, describe_mesh, stages_of
 
 
-def build_model(cfg: Config, rngs: nnx.Rngs, stages: int = 1) -> nnx.Module:
-    """The model, with its layers split into `stages` pipeline stages when there are several."""
-    if cfg.task == "digits":
-        return MLPClassifier(cfg.classifier, rngs)
-    model = Llama(cfg.model, rngs)
-    if stages > 1:
-        apply_pipeline(model, stages, cfg.pipeline)
-    return model
+class Callback:
+    """Hooks of the training loop; override the ones you need."""
 
+    def on_start(self, trainer: Trainer) -> None:
+        """Before the first step (after any resume): `trainer.start` is the step resumed from."""
 
-def flops_per_token(cfg: Config) -> float:
-    model_cfg = cfg.classifier if cfg.task == "digits" else cfg.model
-    return model_cfg.flops_per_token(cfg.data.seq_len)
+    def on_step(self, trainer: Trainer, record: dict) -> None:
+        """After every step, with its metrics.jsonl record (eval keys too after an evaluation)."""
 
+    def on_eval(self, trainer: Trainer, record: dict) -> bool | None:
+        """After each evaluation; return True to stop the run (the state is saved first)."""
 
-@dataclasses.dataclass
-class Run:
-    """Everything a training loop needs, built once from a config."""
+    def on_save(self, trainer: Trainer, step: int) -> None:
+        """After a checkpoint of `step` was started (it completes in the background)."""
 
-    cfg: Config
-    mesh: jax.sharding.Mesh
-    graphdef: nnx.GraphDef
-    state: TrainState
-    state_shardings: Any
-    batch_shardings: dict[str, jax.sharding.NamedSharding]
-    train_step: Any  # compiled: (state, batch) -> (state, metrics)
-    eval_step: Any  # compiled: (params, batch) -> sums
-    task: Any
-    compile_s: float
-    rows: range  # the rows of each global batch that this process's devices hold
-
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """One global array per key from this process's rows (or from the whole batch)."""
-        size = self.cfg.batch_size
-        if len(next(iter(batch.values()))) == size != len(self.rows):
-            batch = {k: v[self.rows.start : self.rows.stop] for k, v in batch.items()}
-        return {
-            k: jax.make_array_from_process_local_data(
-                self.batch_shardings[k], v, (size, *v.shape[1:])
-            )
-            for k, v in batch.items()
-        }
-
-
-def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> range:
-    """The rows of a global batch of `shape` that this process's devices hold: one contiguous
-    block, since devices are laid out process by process along the mesh."""
-    index = sharding.devices_indices_map(shape)
-    spans = {index[d][0].indices(shape[0])[:2] for d in sharding.addressable_devices}
-    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-    if sum(b - a for a, b in spans) != hi - lo:
-        raise ConfigError(
-            f"This process's devices hold rows {sorted(spans)} of the batch, not one block; "
-            "order the mesh so that data-parallel axes come before tensor/pipeline ones."
-        )
-    return range(lo, hi)
-
-
-def _check_batch(cfg: Config, sharding: jax.sharding.NamedSharding, stages: int) -> None:
-    """The global batch must split into accumulation steps, those into pipeline microbatches,
-    and each of those over the data-parallel devices."""
-    axes = sharding.spec[0] or ()
-    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a != "pipeline")
-    ways = int(np.prod([sharding.mesh.shape[a] for a in axes]))
-    accum = cfg.optim.microbatches
-    pipe = cfg.pipeline.microbatches_for(stages) if stages > 1 else 1
-    if cfg.batch_size % (accum * pipe * ways) == 0:
-        return
-    splits = [f"{ways} data-parallel shards ({mesh_flags(sharding.mesh, axes) or '1 device'})"]
-    if pipe > 1:
-        splits.insert(0, f"{pipe} pipeline microbatches (--pipeline.microbatches={pipe})")
-    if accum > 1:
-        splits.insert(0, f"{accum} accumulation steps (--optim.microbatches={accum})")
-    raise ConfigError(
-        f"--batch_size={cfg.batch_size} does not split into {' x '.join(splits)}; use a batch "
-        f"size that is a multiple of {accum * pipe * ways}."
-    )
-
-
-def _check_attention(cfg: Config, mesh: jax.sharding.Mesh) -> None:
-    if cfg.task != "lm" or cfg.model.attention != "cudnn":
-        return
-    platform = mesh.devices.flat[0].platform
-    if platform not in ("gpu", "cuda"):  # jax names CUDA devices "gpu"
-        raise ConfigError(
-            f"--model.attention=cudnn runs on NVIDIA GPUs only, and these devices are {platform}; "
-            "use --model.attention=xla."
-        )
-    if POLICIES[cfg.precision].compute_dtype == jnp.float32:
-        raise ConfigError(
-            f"--model.attention=cudnn takes 16-bit inputs, and --precision={cfg.precision} "
-            "computes in float32; use --precision=bf16 (or --model.attention=xla)."
-        )
-
-
-def setup(cfg: Config, devices: list[jax.Device] | None = None, init: bool = True) -> Run:
-    """Mesh, sharded initial state and the once-compiled train and eval steps.
-
-    `devices` defaults to all; the mesh must use exactly these. With `init=False` the state stays
-    abstract (shapes and shardings only): enough to compile and read `memory_analysis()` for
-    models that would not fit here.
-    """
-    validate(cfg)
-    mesh = make_mesh(cfg.mesh, devices)
-    _check_attention(cfg, mesh)
-    stages = mesh.shape["pipeline"]
-    if stages > 1 and cfg.task != "lm":
-        raise ConfigError(
-            f"--mesh.pipeline={stages} needs a model with a stack of layers (--task=lm); "
-            f"--task={cfg.task} has none to split, so use --mesh.pipeline=1."
-        )
-    if stages == 1 and cfg.pipeline != PipelineConfig():
-        print("warning: --pipeline.* has no effect with --mesh.pipeline=1.", file=sys.stderr)
-    rules = RULE_PRESETS[cfg.rules]
-    policy = POLICIES[cfg.precision]
-    tx, schedule = make_optimizer(cfg.optim, cfg.steps)
-
-    # Shapes and logical names first (no memory), so a bad mesh fails before any allocation.
-    abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.seed), stages))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    check_divisible(abstract_params, mesh, rules)
-
-    def init_fn() -> TrainState:
-        params = nnx.state(build_model(cfg, nnx.Rngs(cfg.seed), stages))
-        loss_scale = LossScale.create() if policy.loss_scaling else None
-        return TrainState(jnp.int32(0), params, tx.init(params), loss_scale)
-
-    task = make_task(cfg.task, cfg.data, cfg.batch_size, cfg.seed)
-    if cfg.task == "lm" and task.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"--data.source={cfg.data.source} has {task.vocab_size} token ids but "
-            f"--model.vocab_size={cfg.model.vocab_size}; set --model.vocab_size="
-            f"{task.vocab_size} or more."
-        )
-    example = task.train_batch(0)
-    batch_shardings = {k: batch_sharding(mesh, rules, v.ndim) for k, v in example.items()}
-    _check_batch(cfg, batch_shardings["inputs"], stages)
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
-        for k, v in example.items()
-    }
-
-    abstract_state = jax.eval_shape(init_fn)
-    state_shardings = tree_shardings(abstract_state, mesh, rules)
-    state = abstract_state
-    if init:
-        with jax.set_mesh(mesh), axis_rules(rules):
-            state = jax.jit(init_fn, out_shardings=state_shardings)()
-
-    chunks = cfg.model.loss_chunks if cfg.task == "lm" else 1
-    train_fn = make_train_step(
-        graphdef, tx, schedule, policy, cfg.optim.clip_norm, cfg.optim.microbatches,
-        batch_shardings["inputs"], skip_nonfinite=cfg.nan_policy == "skip", loss_chunks=chunks,
-    )  # fmt: skip
-    eval_fn = make_eval_step(graphdef, policy, chunks)
-    replicated = NamedSharding(mesh, P())  # scalar metrics, readable on every host
-    start = time.perf_counter()
-    with jax.set_mesh(mesh), axis_rules(rules):
-        # Lowered and compiled ahead of time: exactly one compilation per step function.
-        train_step = (
-            jax.jit(
-                train_fn,
-                in_shardings=(state_shardings, batch_shardings),
-                out_shardings=(state_shardings, replicated),
-                donate_argnums=0,
-            )
-            .lower(abstract_state, abstract_batch)
-            .compile()
-        )
-        eval_step = (
-            jax.jit(
-                eval_fn,
-                in_shardings=(state_shardings.params, batch_shardings),
-                out_shardings=replicated,
-            )
-            .lower(abstract_state.params, abstract_batch)
-            .compile()
-        )
-    compile_s = time.perf_counter() - start
-    return Run(
-        cfg=cfg, mesh=mesh, graphdef=graphdef, state=state, state_shardings=state_shardings,
-        batch_shardings=batch_shardings, train_step=train_step, eval_step=eval_step, task=task,
-        compile_s=compile_s, rows=process_rows(batch_shardings["inputs"], example["inputs"].shape),
-    )  # fmt: skip
+    def on_end(self, trainer: Trainer, records: list[dict]) -> None:
+        """When the loop ends, however it ends."""
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    """Held-out loss, accuracy, bits per byte (per token where the bytes are unknown) and the
+    layers' aux values, over the task's eval batches."""
+    totals: dict[str, float] = {}
+    batches = 0
     for batch in run.task.eval_iter(run.rows):
         sums = jax.device_get(run.eval_step(run.state.params, run.put_batch(batch)))
-        totals = {k: totals[k] + float(sums[k]) for k in totals}
-    loss = totals["loss_sum"] / totals["count"]
-    result = {"eval_loss": loss, "eval_accuracy": totals["correct"] / totals["count"]}
-    if run.cfg.task == "lm":
-        result["eval_bits_per_byte"] = loss / math.log(2)
+        totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+        batches += 1
+    loss_sum, count = totals.pop("loss_sum"), totals.pop("count")
+    result = {"eval_loss": loss_sum / count, "eval_accuracy": totals.pop("correct") / count}
+    result.update({f"eval_{name}": value / batches for name, value in totals.items()})
+    if hasattr(run.task, "eval_bytes"):
+        nbytes = run.task.eval_bytes()
+        key, per = ("eval_bits_per_byte", nbytes) if nbytes else ("eval_bits_per_token", count)
+        result[key] = loss_sum / math.log(2) / per
     return result
 
 
@@ -266,132 +98,190 @@ def _poison(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**batch, "mask": mask}
 
 
-def train(cfg: Config, devices: list[jax.Device] | None = None) -> list[dict]:
+class Trainer:
+    """Trains `cfg` to `cfg.steps`, resuming from the newest checkpoint in its run_dir."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        devices: list[jax.Device] | None = None,
+        *,
+        run: Run | None = None,
+        plan: Plan | None = None,
+        task=None,
+        callbacks=(),
+    ):
+        if cfg.init_from_hf and run is None:
+            from engine import hf
+
+            cfg = hf.model_config(cfg)
+        self.cfg = cfg
+        self.run = run or setup(cfg, devices, plan=plan, task=task)
+        self.callbacks = list(callbacks)
+        self.start = 0
+        self.stop_reason: str | None = None
+
+    def fit(self) -> list[dict]:
+        """Run the loop; returns the records of the steps run here (also in metrics.jsonl)."""
+        cfg, run = self.cfg, self.run
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = None
+        if cfg.checkpoint.every or (run_dir / "checkpoints").is_dir():
+            ckpt = Checkpoints(run)
+        start = 0
+        restored = ckpt.restore_latest() if ckpt else None
+        if restored:
+            run.state, start = restored.state, restored.step
+        elif cfg.init_from:
+            run.state = dataclasses.replace(run.state, params=restore_params(cfg.init_from, run))
+        elif cfg.init_from_hf:
+            from engine import hf
+
+            params = hf.restore_params(cfg.init_from_hf, run)
+            run.state = dataclasses.replace(run.state, params=params)
+        self.start = start
+        primary = is_primary()  # process 0 alone writes metrics, logs and the config
+        log = tqdm.write if primary else _silent
+        if primary:
+            config = json.dumps(dataclasses.asdict(cfg), indent=2)
+            (run_dir / "config.json").write_text(config + "\n")
+        log(_banner(run))
+        if restored:
+            log(f"resumed from step {start} ({restored.path})")
+        elif cfg.init_from or cfg.init_from_hf:
+            log(f"initialized params from {cfg.init_from or cfg.init_from_hf}")
+
+        n_devices = run.mesh.size
+        peak = cfg.peak_flops or peak_flops()
+        fpt = flops_per_token(cfg)
+        tokens_per_step = cfg.batch_size * run.task.tokens_per_example
+        local_devices = [d for d in run.mesh.devices.flat if d.process_index == jax.process_index()]
+        writer = MetricsWriter(run_dir, cfg.log.tensorboard and primary, start, enabled=primary)
+        # One process alone must not stop: multi-process runs stop at JAX's preemption sync.
+        stop = StopSignal() if jax.process_count() == 1 else None
+        records, skipped_in_a_row, saved = [], 0, start
+        # disable=None: a bar on terminals only, so redirected logs keep just the summary lines.
+        bar = tqdm(
+            initial=start,
+            total=cfg.steps,
+            disable=None if cfg.log.progress and primary else True,
+            unit="step",
+        )
+        batches = prefetch(run.task, range(start, cfg.steps), run.rows, cfg.data.prefetch)
+        trace = StepTrace(
+            cfg.run_dir, cfg.log.profile_from if primary else 0, cfg.log.profile_steps
+        )
+        for callback in self.callbacks:
+            callback.on_start(self)
+        last = time.perf_counter()
+        try:
+            for step in range(start, cfg.steps):
+                done = step + 1
+                waited = time.perf_counter()
+                batch = next(batches)
+                data_wait = time.perf_counter() - waited
+                if done in cfg.debug.nan_steps:
+                    batch = _poison(batch)
+                with trace.annotate(done):
+                    run.state, metrics = run.train_step(run.state, run.put_batch(batch))
+                    # Waiting on every step keeps timing honest (and CPU collectives from
+                    # piling up).
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                step_time, last = now - last, now
+                for line in trace.finish(done, step_time):
+                    log(line)
+                record = {
+                    "step": done,
+                    **metrics,
+                    "step_time_s": step_time,
+                    "data_wait_s": data_wait,
+                    "tokens_per_sec": tokens_per_step / step_time,
+                    "mfu": mfu(fpt, tokens_per_step / step_time, n_devices, peak),
+                    "peak_memory_gb": peak_memory_gb(local_devices),
+                }
+                if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+                    writer.write(record)
+                    skipped_in_a_row += 1
+                    _check_nonfinite(cfg, done, record, skipped_in_a_row, saved, ckpt)
+                else:
+                    skipped_in_a_row = 0
+                evaluated = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
+                if evaluated:
+                    record.update(evaluate(run))
+                    last = time.perf_counter()  # evaluation time is not the next step's
+                if (done % cfg.log.every == 0 or evaluated) and skipped_in_a_row == 0:
+                    writer.write(record)
+                records.append(record)
+                bar.update()
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if done % cfg.log.summary_every == 0 or done == cfg.steps:
+                    log(_summary(record))
+                for callback in self.callbacks:
+                    callback.on_step(self, record)
+                if evaluated and done < cfg.steps:
+                    for callback in self.callbacks:
+                        if callback.on_eval(self, record) and not self.stop_reason:
+                            self.stop_reason = f"{type(callback).__name__} at step {done}"
+                if ckpt and cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
+                    self._save(ckpt, done)
+                    saved = done
+                preempted = ckpt is not None and ckpt.reached_preemption(done)
+                received = stop and stop.received
+                if received or preempted or self.stop_reason:
+                    if ckpt and saved != done:
+                        self._save(ckpt, done)
+                    log(_stopped(received or self.stop_reason or "preemption", done, ckpt))
+                    return records
+            if ckpt and cfg.checkpoint.every and saved != cfg.steps and start < cfg.steps:
+                self._save(ckpt, cfg.steps)
+            if start >= cfg.steps:
+                log(f"nothing to do: the run in {run_dir} already reached step {cfg.steps}")
+            return records
+        finally:
+            # Whatever stops the loop, the checkpoint being written completes before exit.
+            if ckpt:
+                ckpt.wait()
+                ckpt.close()
+            if stop:
+                stop.restore()
+            trace.close()
+            bar.close()
+            writer.close()
+            for callback in self.callbacks:
+                callback.on_end(self, records)
+
+    def _save(self, ckpt: Checkpoints, step: int) -> None:
+        ckpt.save(step, self.run.state)
+        for callback in self.callbacks:
+            callback.on_save(self, step)
+
+
+def train(
+    cfg: Config,
+    devices: list[jax.Device] | None = None,
+    callbacks=(),
+    *,
+    plan: Plan | None = None,
+    task=None,
+) -> list[dict]:
     """Train to `cfg.steps`, resuming from the newest checkpoint in `run_dir` if there is one;
     returns the records of the steps run here (also in metrics.jsonl)."""
-    if cfg.init_from_hf:
-        from engine import hf
+    return Trainer(cfg, devices, plan=plan, task=task, callbacks=callbacks).fit()
 
-        cfg = hf.model_config(cfg)
-    run = setup(cfg, devices)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = None
-    if cfg.checkpoint.every or (run_dir / "checkpoints").is_dir():
-        ckpt = Checkpoints(run)
-    start = 0
-    restored = ckpt.restore_latest() if ckpt else None
-    if restored:
-        run.state, start = restored.state, restored.step
-    elif cfg.init_from:
-        run.state = dataclasses.replace(run.state, params=restore_params(cfg.init_from, run))
-    elif cfg.init_from_hf:
-        from engine import hf
 
-        run.state = dataclasses.replace(run.state, params=hf.restore_params(cfg.init_from_hf, run))
-    primary = is_primary()  # process 0 alone writes metrics, logs and the config
-    log = tqdm.write if primary else _silent
-    if primary:
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    n_devices = run.mesh.size
-    peak = cfg.peak_flops or peak_flops()
-    fpt = flops_per_token(cfg)
-    tokens_per_step = cfg.batch_size * run.task.tokens_per_example
+def _banner(run: Run) -> str:
+    cfg = run.cfg
     params = sum(x.size for x in jax.tree.leaves(run.state.params))
     processes = f" | {jax.process_count()} processes" if jax.process_count() > 1 else ""
     planned = planned_memory_gb(run.train_step)
     plan = f" | step needs {planned:.2f} GB/device" if planned is not None else ""
-    log(
+    return (
         f"shardtrain: {cfg.task} | {params / 1e6:.2f}M params | mesh {describe_mesh(run.mesh)}"
-        f"{processes} | {_pipeline_summary(cfg, run.mesh.shape['pipeline'])}{cfg.precision} | "
+        f"{processes} | {_pipeline_summary(run.plan, stages_of(run.mesh))}{run.plan.precision} | "
         f"compiled in {run.compile_s:.1f}s{plan}"
     )
-    local_devices = [d for d in run.mesh.devices.flat if d.process_index == jax.process_index()]
-    if restored:
-        log(f"resumed from step {start} ({restored.path})")
-    elif cfg.init_from or cfg.init_from_hf:
-        log(f"initialized params from {cfg.init_from or cfg.init_from_hf}")
-
-    writer = MetricsWriter(run_dir, cfg.log.tensorboard and primary, start, enabled=primary)
-    # One process alone must not stop: multi-process runs stop at JAX's preemption sync point.
-    stop = StopSignal() if jax.process_count() == 1 else None
-    records, skipped_in_a_row, saved = [], 0, start
-    # disable=None: a bar on terminals only, so redirected logs keep just the summary lines.
-    bar = tqdm(
-        initial=start,
-        total=cfg.steps,
-        disable=None if cfg.log.progress and primary else True,
-        unit="step",
-    )
-    batches = prefetch(run.task, range(start, cfg.steps), run.rows, cfg.data.prefetch)
-    trace = StepTrace(cfg.run_dir, cfg.log.profile_from if primary else 0, cfg.log.profile_steps)
-    last = time.perf_counter()
-    try:
-        for step in range(start, cfg.steps):
-            done = step + 1
-            waited = time.perf_counter()
-            batch = next(batches)
-            data_wait = time.perf_counter() - waited
-            if done in cfg.debug.nan_steps:
-                batch = _poison(batch)
-            with trace.annotate(done):
-                run.state, metrics = run.train_step(run.state, run.put_batch(batch))
-                # Waiting on every step keeps timing honest (and CPU collectives from piling up).
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            step_time, last = now - last, now
-            for line in trace.finish(done, step_time):
-                log(line)
-            record = {
-                "step": done,
-                **metrics,
-                "step_time_s": step_time,
-                "data_wait_s": data_wait,
-                "tokens_per_sec": tokens_per_step / step_time,
-                "mfu": mfu(fpt, tokens_per_step / step_time, n_devices, peak),
-                "peak_memory_gb": peak_memory_gb(local_devices),
-            }
-            if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
-                writer.write(record)
-                skipped_in_a_row += 1
-                _check_nonfinite(cfg, done, record, skipped_in_a_row, saved, ckpt)
-            else:
-                skipped_in_a_row = 0
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                record.update(evaluate(run))
-                last = time.perf_counter()  # evaluation time is not the next step's
-            if (done % cfg.log.every == 0 or "eval_loss" in record) and skipped_in_a_row == 0:
-                writer.write(record)
-            records.append(record)
-            bar.update()
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if done % cfg.log.summary_every == 0 or done == cfg.steps:
-                log(_summary(record))
-            if ckpt and cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
-                ckpt.save(done, run.state)
-                saved = done
-            preempted = ckpt is not None and ckpt.reached_preemption(done)
-            received = stop and stop.received
-            if received or preempted:
-                if ckpt and saved != done:
-                    ckpt.save(done, run.state)
-                log(_stopped(received or "preemption", done, ckpt))
-                return records
-        if ckpt and cfg.checkpoint.every and saved != cfg.steps and start < cfg.steps:
-            ckpt.save(cfg.steps, run.state)
-        if start >= cfg.steps:
-            log(f"nothing to do: the run in {run_dir} already reached step {cfg.steps}")
-        return records
-    finally:
-        # Whatever stops the loop, the checkpoint being written completes before exit.
-        if ckpt:
-            ckpt.wait()
-            ckpt.close()
-        if stop:
-            stop.restore()
-        trace.close()
-        bar.close()
-        writer.close()
 
 
 def _silent(*args, **kwargs) -> None:
@@ -425,10 +315,10 @@ def _stopped(reason: str, step: int, ckpt) -> str:
     )
 
 
-def _pipeline_summary(cfg: Config, stages: int) -> str:
+def _pipeline_summary(plan: Plan, stages: int) -> str:
     if stages == 1:
         return ""
-    repeats, micro = cfg.pipeline.repeats, cfg.pipeline.microbatches_for(stages)
+    repeats, micro = plan.pipeline.repeats, plan.pipeline.microbatches_for(stages)
     return (
         f"{stages} stages x {repeats} repeats, {micro} microbatches, "
         f"bubble {100 * bubble(stages, repeats, micro):.0f}% | "
@@ -449,4 +339,6 @@ def _summary(r: dict) -> str:
         line += f" | eval_loss {r['eval_loss']:.4f} | eval_acc {r['eval_accuracy']:.3f}"
     if "eval_bits_per_byte" in r:
         line += f" | {r['eval_bits_per_byte']:.3f} bpb"
+    elif "eval_bits_per_token" in r:
+        line += f" | {r['eval_bits_per_token']:.3f} bits/token"
     return line

@@ -1,0 +1,205 @@
+"""The execution plan: everything about *how* a model runs, nothing about *what* it is.
+
+A `Plan` holds the mesh sizes and rule table, remat, gradient-accumulation and pipeline
+microbatches, the attention kernel, loss chunks and precision. `Plan.from_config` assembles one
+from the command-line keys (`--mesh.*`, `--rules`, `--model.remat`, ...); the planner produces
+them; `engine.trainer.setup` takes one. `violations` lists every reason a model + plan + device
+count cannot train, without compiling or opening data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType
+
+from engine.config import Config, ConfigError, config_errors
+from engine.family import build_model, model_arch, model_family
+from engine.precision import POLICIES
+from sharding import (
+    AXES,
+    RULE_PRESETS,
+    MeshAxis,
+    PipelineConfig,
+    Rules,
+    ShardingError,
+    divisibility_errors,
+    logical_to_spec,
+    mesh_sizes,
+    override_rules,
+)
+from sharding.mesh import resolve
+from sharding.pipeline import AXIS as PIPELINE_AXIS, check_pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    mesh: Mapping[str, int]
+    """Axis name -> devices (-1 fills); axes not named have size 1."""
+    rules: Rules
+    remat: str = "none"
+    microbatches: int = 1
+    """Gradient accumulation: sequential microbatches per optimizer step."""
+    pipeline: PipelineConfig = PipelineConfig()
+    attention: str = "xla"
+    loss_chunks: int = 1
+    precision: str = "fp32"
+    axes: tuple[MeshAxis, ...] = AXES
+    """The mesh axes this plan may use: sharding.AXES, or more declared by the caller."""
+
+    @classmethod
+    def from_config(cls, cfg: Config, **changes) -> Plan:
+        plan = cls(
+            mesh=mesh_sizes(cfg.mesh),
+            rules=rule_table(cfg.rules, cfg.rule_overrides),
+            remat=cfg.model.remat,
+            microbatches=cfg.optim.microbatches,
+            pipeline=cfg.pipeline,
+            attention=cfg.model.attention,
+            loss_chunks=cfg.model.loss_chunks,
+            precision=cfg.precision,
+        )
+        return dataclasses.replace(plan, **changes)
+
+    def flags(self) -> list[str]:
+        """Command-line keys that give this plan (rules as overrides of the default table)."""
+        flags = [f"--mesh.{a}={s}" for a, s in self.mesh.items()]
+        flags += [
+            f"--model.remat={self.remat}",
+            f"--optim.microbatches={self.microbatches}",
+            f"--pipeline.microbatches={self.pipeline.microbatches}",
+            f"--pipeline.repeats={self.pipeline.repeats}",
+            f"--model.attention={self.attention}",
+            f"--model.loss_chunks={self.loss_chunks}",
+            f"--precision={self.precision}",
+        ]
+        default = dict(RULE_PRESETS["default"])
+        changed = [f"{n}={','.join(a)}" for n, a in self.rules if default.get(n) != tuple(a)]
+        return flags + (["--rule_overrides", *changed] if changed else [])
+
+
+def rule_table(rules: str, overrides: tuple[str, ...] = ()) -> Rules:
+    """A preset's (or a JSON/YAML file's) rule table with `NAME=AXIS,AXIS` overrides on top."""
+    if rules in RULE_PRESETS:
+        table = RULE_PRESETS[rules]
+    elif Path(rules).suffix in (".json", ".yaml", ".yml") and Path(rules).is_file():
+        import yaml
+
+        loaded = yaml.safe_load(Path(rules).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--rules={rules} must map logical names to lists of mesh axes.")
+        table = override_rules(RULE_PRESETS["default"], _axes_lists(loaded, f"--rules={rules}"))
+    else:
+        raise ConfigError(
+            f"--rules={rules} is neither a rule preset ({', '.join(RULE_PRESETS)}) nor an "
+            "existing .json/.yaml file of logical name -> mesh axes."
+        )
+    parsed = {}
+    for item in overrides:
+        name, sep, axes = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(
+                f"--rule_overrides entry '{item}' is not NAME=AXIS,AXIS; e.g. embed=fsdp or "
+                "embed= (never split)."
+            )
+        parsed[name] = [a for a in axes.split(",") if a]
+    return override_rules(table, _axes_lists(parsed, "--rule_overrides"))
+
+
+def _axes_lists(table: dict, where: str) -> dict[str, tuple[str, ...]]:
+    known = {a.name for a in AXES}
+    out = {}
+    for name, axes in table.items():
+        axes = [axes] if isinstance(axes, str) else list(axes or [])
+        unknown = [a for a in axes if a not in known]
+        if unknown:
+            raise ConfigError(
+                f"{where}: '{name}' maps to unknown mesh axis {', '.join(unknown)}; the axes "
+                f"are {', '.join(sorted(known))}."
+            )
+        out[str(name)] = tuple(axes)
+    return out
+
+
+def violations(cfg: Config, plan: Plan, devices: int | Sequence, platform: str | None = None):
+    """Every reason `cfg`'s model cannot train with `plan` on `devices` (a device list, or a
+    count with `platform`), each the one-sentence error a run would raise; [] when it can.
+    Reads only shapes: nothing is compiled, allocated or opened."""
+    if not isinstance(devices, int):
+        platform = platform or devices[0].platform
+        devices = len(devices)
+    errors: list[Exception] = list(config_errors(cfg))
+    sequence_model = model_family(cfg).sequence_model
+    try:
+        sizes = resolve({a.name: plan.mesh.get(a.name, 1) for a in plan.axes}, devices)
+    except ShardingError as e:
+        return [*errors, e]
+    stages = sizes.get(PIPELINE_AXIS, 1)
+    if stages > 1 and not sequence_model:
+        errors.append(ConfigError(
+            f"--mesh.pipeline={stages} needs a model with a stack of layers (--task=lm); "
+            f"--task={cfg.task} has none to split, so use --mesh.pipeline=1."
+        ))  # fmt: skip
+        stages = 1
+    errors += _attention_errors(plan, platform if sequence_model else None)
+    arch = model_arch(cfg)
+    if stages > 1:
+        try:
+            check_pipeline(arch.n_layers, stages, plan.pipeline)
+        except ShardingError as e:
+            errors.append(e)
+            stages = 1
+    errors += _batch_errors(cfg, plan, sizes, stages)
+    mesh = AbstractMesh(
+        tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes)
+    )
+    try:
+        model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0), plan, stages))
+        errors += divisibility_errors(nnx.state(model), mesh, plan.rules)
+    except (ConfigError, ShardingError, ValueError) as e:
+        errors.append(e)
+    return errors
+
+
+def _attention_errors(plan: Plan, platform: str | None) -> list[ConfigError]:
+    if platform is None or plan.attention != "cudnn":
+        return []
+    if platform not in ("gpu", "cuda"):  # jax names CUDA devices "gpu"
+        return [ConfigError(
+            f"--model.attention=cudnn runs on NVIDIA GPUs only, and these devices are "
+            f"{platform}; use --model.attention=xla."
+        )]  # fmt: skip
+    if POLICIES[plan.precision].compute_dtype == jnp.float32:
+        return [ConfigError(
+            f"--model.attention=cudnn takes 16-bit inputs, and --precision={plan.precision} "
+            "computes in float32; use --precision=bf16 (or --model.attention=xla)."
+        )]  # fmt: skip
+    return []
+
+
+def _batch_errors(cfg: Config, plan: Plan, sizes: Mapping[str, int], stages: int):
+    """The global batch must split into accumulation steps, those into pipeline microbatches,
+    and each of those over the devices that split the batch inside a stage."""
+    names = ("stage", "batch") if stages > 1 else ("batch",)
+    axes = logical_to_spec(names, plan.rules)[-1] or ()
+    axes = [a for a in ((axes,) if isinstance(axes, str) else axes) if sizes.get(a, 1) > 1]
+    ways = math.prod(sizes[a] for a in axes)
+    accum = plan.microbatches
+    pipe = plan.pipeline.microbatches_for(stages) if stages > 1 else 1
+    if accum <= 0 or cfg.batch_size <= 0 or cfg.batch_size % (accum * pipe * ways) == 0:
+        return []
+    shards = " x ".join(f"--mesh.{a}={sizes[a]}" for a in axes) or "1 device"
+    splits = [f"{ways} data-parallel shards ({shards})"]
+    if pipe > 1:
+        splits.insert(0, f"{pipe} pipeline microbatches (--pipeline.microbatches={pipe})")
+    if accum > 1:
+        splits.insert(0, f"{accum} accumulation steps (--optim.microbatches={accum})")
+    return [ConfigError(
+        f"--batch_size={cfg.batch_size} does not split into {' x '.join(splits)}; use a batch "
+        f"size that is a multiple of {accum * pipe * ways}."
+    )]  # fmt: skip

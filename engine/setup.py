@@ -1,0 +1,174 @@
+"""Set up a run: from a config and an execution plan to a mesh, a sharded train state and the
+once-compiled train and eval steps. The loop that drives them is engine.trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from engine.config import Config, ConfigError
+from engine.data import TASKS, batch_shapes, make_task
+from engine.family import build_model, model_family
+from engine.optim import hyperparams, make_optimizer
+from engine.plan import Plan, violations
+from engine.precision import POLICIES, LossScale
+from engine.step import TrainState, make_eval_step, make_train_step
+from sharding import (
+    axis_rules,
+    batch_sharding,
+    check_divisible,
+    make_mesh,
+    process_block,
+    stages_of,
+    tree_shardings,
+)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training loop needs, built once from a config and a plan."""
+
+    cfg: Config
+    plan: Plan
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    state: TrainState
+    state_shardings: Any
+    batch_shardings: dict[str, NamedSharding]
+    train_step: Any  # compiled: (state, batch) -> (state, metrics)
+    eval_step: Any  # compiled: (params, batch) -> sums
+    task: Any
+    compile_s: float
+    blocks: dict[str, tuple[slice, ...]]  # per batch key: this process's block of the array
+
+    @property
+    def rows(self) -> range:
+        """The rows of each global batch that this process's devices hold."""
+        first = self.blocks["inputs"][0]
+        return range(first.start, first.stop)
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """One global array per key from this process's rows (or from the whole batch); of
+        each row, only the columns this process's devices hold are sent."""
+        size = self.cfg.batch_size
+        whole = len(next(iter(batch.values()))) == size != len(self.rows)
+        out = {}
+        for k, v in batch.items():
+            rows, *columns = self.blocks[k]
+            shape = (size, *v.shape[1:])
+            v = v[(rows if whole else slice(None), *columns)]
+            out[k] = jax.make_array_from_process_local_data(self.batch_shardings[k], v, shape)
+        return out
+
+
+def setup(
+    cfg: Config,
+    devices: list[jax.Device] | None = None,
+    init: bool = True,
+    plan: Plan | None = None,
+    task=None,
+) -> Run:
+    """Mesh, sharded initial state and the once-compiled train and eval steps.
+
+    `plan` defaults to the one the config's keys give (Plan.from_config); `devices` to all,
+    and the mesh must use exactly these; `task` (the data) to the config's (engine.data).
+
+    With `init=False` and no `task` nothing is allocated or opened: the state and batch stay
+    abstract (shapes and shardings from the config alone) and `run.task` is None, enough to
+    compile and read `memory_analysis()` for models that would not fit here.
+    """
+    plan = plan or Plan.from_config(cfg)
+    devices = list(jax.devices() if devices is None else devices)
+    problems = violations(cfg, plan, devices)
+    if problems:
+        raise problems[0]
+    mesh = make_mesh(plan.mesh, devices, plan.axes)
+    stages = stages_of(mesh)
+    if stages == 1 and plan.pipeline != type(plan.pipeline)():
+        print("warning: --pipeline.* has no effect with --mesh.pipeline=1.", file=sys.stderr)
+    rules, policy = plan.rules, POLICIES[plan.precision]
+    tx, _ = make_optimizer(cfg.optim, cfg.steps)
+
+    # Shapes and logical names first (no memory), so a bad mesh fails before any allocation.
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.seed), plan, stages))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    check_divisible(abstract_params, mesh, rules)
+
+    def init_fn(hparams) -> TrainState:
+        params = nnx.state(build_model(cfg, nnx.Rngs(cfg.seed), plan, stages))
+        loss_scale = LossScale.create() if policy.loss_scaling else None
+        return TrainState(jnp.int32(0), params, tx.init(params), loss_scale, hparams)
+
+    hparams = hyperparams(cfg.optim, cfg.steps)  # an input, so no program depends on them
+
+    if task is None and not init:
+        shapes = batch_shapes(cfg.task, cfg.data, cfg.batch_size)
+    else:
+        task = task or make_task(cfg.task, cfg.data, cfg.batch_size, cfg.seed)
+        if cfg.task == "lm" and task.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"--data.source={cfg.data.source} has {task.vocab_size} token ids but "
+                f"--model.vocab_size={cfg.model.vocab_size}; set --model.vocab_size="
+                f"{task.vocab_size} or more."
+            )
+        shapes = {k: (v.shape, v.dtype) for k, v in task.train_batch(0).items()}
+    names = task.batch_names if task is not None else TASKS[cfg.task].batch_names
+    batch_shardings = {
+        k: batch_sharding(mesh, rules, names[k][: len(shape)]) for k, (shape, _) in shapes.items()
+    }
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_shardings[k])
+        for k, (shape, dtype) in shapes.items()
+    }
+
+    abstract_state = jax.eval_shape(init_fn, hparams)
+    state_shardings = tree_shardings(abstract_state, mesh, rules)
+    state = abstract_state
+    if init:
+        with jax.set_mesh(mesh), axis_rules(rules):
+            state = jax.jit(init_fn, out_shardings=state_shardings)(hparams)
+
+    chunks = plan.loss_chunks if model_family(cfg).sequence_model else 1
+    train_fn = make_train_step(
+        graphdef, policy, plan.microbatches, batch_shardings["inputs"],
+        skip_nonfinite=cfg.nan_policy == "skip", loss_chunks=chunks,
+    )  # fmt: skip
+    eval_fn = make_eval_step(graphdef, policy, chunks)
+    replicated = NamedSharding(mesh, P())  # scalar metrics, readable on every host
+    start = time.perf_counter()
+    with jax.set_mesh(mesh), axis_rules(rules):
+        # Lowered and compiled ahead of time: exactly one compilation per step function.
+        train_step = (
+            jax.jit(
+                train_fn,
+                in_shardings=(state_shardings, batch_shardings),
+                out_shardings=(state_shardings, replicated),
+                donate_argnums=0,
+            )
+            .lower(abstract_state, abstract_batch)
+            .compile()
+        )
+        eval_step = (
+            jax.jit(
+                eval_fn,
+                in_shardings=(state_shardings.params, batch_shardings),
+                out_shardings=replicated,
+            )
+            .lower(abstract_state.params, abstract_batch)
+            .compile()
+        )
+    compile_s = time.perf_counter() - start
+    blocks = {k: process_block(batch_shardings[k], shape) for k, (shape, _) in shapes.items()}
+    return Run(
+        cfg=cfg, plan=plan, mesh=mesh, graphdef=graphdef, state=state,
+        state_shardings=state_shardings, batch_shardings=batch_shardings, train_step=train_step,
+        eval_step=eval_step, task=task, compile_s=compile_s, blocks=blocks,
+    )  # fmt: skip
