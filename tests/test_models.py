@@ -14,9 +14,11 @@ from models import LLAMA_PRESETS, Llama
 from models.llama import attention
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_param_count_formula_matches_the_model(tie):
-    cfg = dataclasses.replace(LLAMA_PRESETS["tiny"], tie_embeddings=tie)
+@pytest.mark.parametrize("tie, extras", [(False, False), (True, False), (False, True)])
+def test_param_count_formula_matches_the_model(tie, extras):
+    cfg = dataclasses.replace(
+        LLAMA_PRESETS["tiny"], tie_embeddings=tie, qk_norm=extras, qkv_bias=extras
+    )
     model = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
     actual = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     assert actual == cfg.num_params()
@@ -38,7 +40,7 @@ def test_program_size_does_not_grow_with_depth():
     assert _hlo_size(16) < 1.05 * _hlo_size(2)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "save:attn_out,mlp_hidden"])
 def test_remat_changes_memory_not_results(policy, tiny):
     base = train(tiny(steps=3))
     model = dataclasses.replace(PRESETS["tiny"].model, remat=policy)

@@ -56,9 +56,9 @@ def expected_shards(f: int, t: int) -> dict:
         ("layers", "wk"): (2, 64 // f, 4 // t, 8),
         ("layers", "wv"): (2, 64 // f, 4 // t, 8),
         ("layers", "wo"): (2, 8 // t, 8, 64 // f),
-        ("layers", "w_gate"): (2, 64 // f, 128 // t),
-        ("layers", "w_up"): (2, 64 // f, 128 // t),
-        ("layers", "w_down"): (2, 128 // t, 64 // f),
+        ("layers", "mlp", "w_gate"): (2, 64 // f, 128 // t),
+        ("layers", "mlp", "w_up"): (2, 64 // f, 128 // t),
+        ("layers", "mlp", "w_down"): (2, 128 // t, 64 // f),
     }
 
 

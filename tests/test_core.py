@@ -1,0 +1,248 @@
+"""The open core: mesh axes as data, plans, runtime hyperparameters, callbacks, layer aux
+values, every fault of a plan at once, and bits per byte for any tokenizer."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import cli
+
+from engine.config import CheckpointConfig, ConfigError, DataConfig
+from engine.optim import OptimConfig
+from engine.plan import Plan, violations
+from engine.setup import setup
+from engine.trainer import Callback, Trainer, evaluate, train
+from models.layers import FEED_FORWARD, SwiGLU
+from sharding import AXES, MeshAxis, MeshConfig, default_rules
+
+
+def losses(records):
+    return [r["loss"] for r in records]
+
+
+def test_a_mesh_axis_declared_as_data_trains_like_one_device(tiny):
+    """`replica`, declared here and nowhere in the engine, splits the batch: one entry."""
+    replica = MeshAxis("replica", "test: another batch axis", shards=("batch",), leads=("batch",))
+    axes = (*AXES, replica)
+    cfg = tiny(steps=4)
+    plan = Plan.from_config(
+        cfg, axes=axes, rules=default_rules(axes), mesh={"replica": 4, "fsdp": 2}
+    )
+    run = setup(cfg, plan=plan)
+    assert dict(run.mesh.shape) == dict(data=1, fsdp=2, tensor=1, pipeline=1, replica=4)
+    # The batch rows split 8 ways (replica outermost), the embed dimension of weights 2 ways.
+    inputs = run.put_batch(run.task.train_batch(0))["inputs"]
+    assert {s.data.shape for s in inputs.addressable_shards} == {(16 // 8, 64)}
+    wq = run.state.params["layers"]["wq"][...]
+    assert {s.data.shape for s in wq.addressable_shards} == {(2, 64 // 2, 8, 8)}
+    sharded = Trainer(cfg, run=run).fit()
+    one = train(tiny(mesh=dict(data=1), steps=4), jax.devices()[:1])
+    np.testing.assert_allclose(losses(sharded), losses(one), rtol=1e-5)
+
+
+def test_runs_that_differ_only_in_optimizer_scalars_share_one_executable(tmp_path):
+    """The compiled step takes lr, warmup, betas, weight decay and clipping as inputs: a
+    second run with other values adds nothing to the persistent compilation cache, while a
+    change of shape does."""
+    cache = tmp_path / "xla"
+
+    def run(name, *flags):
+        done = cli("--config", "tiny", "--steps=2", f"--run_dir={tmp_path / name}",
+                   f"--compile_cache={cache}", *flags)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return {p.name for p in cache.iterdir()}
+
+    first = run("a", "--optim.lr=1e-3")
+    assert len(first) >= 2  # train and eval steps at least
+    second = run("b", "--optim.lr=3e-2", "--optim.warmup_steps=1", "--optim.b2=0.99",
+                 "--optim.weight_decay=0", "--optim.clip_norm=0.5")  # fmt: skip
+    assert second == first
+    third = run("c", "--batch_size=8")
+    assert third > first
+    # And the second run really used its values.
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "b/metrics.jsonl").open()]
+    assert lrs == pytest.approx([0.0, 3e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(0)))])
+
+
+def test_changing_lr_keeps_the_compiled_program(tiny):
+    texts = [
+        setup(tiny(steps=3, optim=OptimConfig(lr=lr)), init=False).train_step.as_text()
+        for lr in (1e-3, 5e-2)
+    ]
+    assert texts[0] == texts[1]
+
+
+class StopAtEval(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_start(self, trainer):
+        self.events.append(("start", trainer.start))
+
+    def on_eval(self, trainer, record):
+        self.events.append(("eval", record["step"]))
+        return record["step"] >= 10
+
+    def on_save(self, trainer, step):
+        self.events.append(("save", step))
+
+    def on_end(self, trainer, records):
+        self.events.append(("end", len(records)))
+
+
+def test_a_callback_stops_the_run_at_an_evaluation(tiny):
+    callback = StopAtEval()
+    cfg = tiny(steps=20, eval_every=5, checkpoint=CheckpointConfig(every=100))
+    records = train(cfg, callbacks=[callback])
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert callback.events == [("start", 0), ("eval", 5), ("eval", 10), ("save", 10), ("end", 10)]
+    # Saved where it stopped: the same command resumes from step 10.
+    resumed = StopAtEval()
+    train(cfg, callbacks=[resumed])
+    assert resumed.events[0] == ("start", 10)
+
+
+class Probe(SwiGLU):
+    """The dense block, reporting the RMS of its input and a constant."""
+
+    def __call__(self, h):
+        y, aux = super().__call__(h)
+        rms = jnp.sqrt(jnp.mean(jnp.square(h.astype(jnp.float32))))
+        return y, {**aux, "probe_rms": rms, "probe_one": jnp.float32(1)}
+
+
+@pytest.mark.parametrize(
+    "mesh, optim, pipeline",
+    [(dict(data=2, fsdp=2, tensor=2), OptimConfig(microbatches=2), False),
+     (dict(data=2, tensor=2, pipeline=2), OptimConfig(), True)],
+    ids=["accumulation", "pipeline"],
+)  # fmt: skip
+def test_a_layers_aux_metric_reaches_metrics_jsonl(tiny, tmp_path, mesh, optim, pipeline):
+    """Averaged over layers, microbatches and pipeline stages: the one-device value."""
+    FEED_FORWARD["probe"] = Probe
+    try:
+        model = dataclasses.replace(tiny().model, feed_forward="probe")
+        cfg = tiny(mesh=mesh, steps=2, model=model, optim=optim)
+        records = train(cfg)
+        one = dataclasses.replace(cfg, run_dir=str(tmp_path / "one"), mesh=MeshConfig(data=1))
+        one_device = train(one, jax.devices()[:1])
+        plain = train(dataclasses.replace(cfg, run_dir=str(tmp_path / "plain"), model=tiny().model))
+    finally:
+        del FEED_FORWARD["probe"]
+    lines = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert [line["probe_one"] for line in lines] == pytest.approx([1.0, 1.0])
+    assert lines[-1]["eval_probe_one"] == pytest.approx(1.0)
+    # The input of the block is RMS-normalized (unit scales at init): an RMS just under 1.
+    assert 0.95 < lines[0]["probe_rms"] < 1.0
+    np.testing.assert_allclose(
+        [r["probe_rms"] for r in records], [r["probe_rms"] for r in one_device], rtol=1e-5
+    )
+    assert lines[-1]["eval_probe_rms"] == pytest.approx(one_device[-1]["eval_probe_rms"], rel=1e-5)
+    assert "probe_rms" not in json.dumps(plain)
+    np.testing.assert_allclose(losses(records), losses(plain), rtol=1e-6)
+
+
+def test_violations_lists_every_fault_at_once(tiny):
+    cfg = tiny(batch_size=13, model=dataclasses.replace(tiny().model, remat="sometimes"))
+    plan = Plan.from_config(cfg, mesh={"data": 2, "tensor": 4}, attention="cudnn")
+    messages = [str(p) for p in violations(cfg, plan, jax.devices())]
+    assert len(messages) == 3, messages
+    assert messages[0].startswith("--model.remat=sometimes is not a remat policy")
+    assert messages[1].startswith("--model.attention=cudnn runs on NVIDIA GPUs only")
+    assert messages[2].startswith(
+        "--batch_size=13 does not split into 2 data-parallel shards (--mesh.data=2)"
+    )
+    # A device count and platform are enough: nothing is compiled, allocated or opened.
+    on_gpu = [str(p) for p in violations(cfg, plan, 8, "gpu")]
+    assert "takes 16-bit inputs" in on_gpu[1] and on_gpu[::2] == messages[::2]
+    wrong_count = [str(p) for p in violations(cfg, plan, 16, "cpu")]
+    assert wrong_count[0] == messages[0] and "needs 8 devices but the run has 16" in wrong_count[1]
+    good = tiny(mesh=dict(data=2, tensor=4))
+    assert violations(good, Plan.from_config(good), jax.devices()) == []
+    with pytest.raises(ConfigError, match="is not a remat policy"):
+        setup(cfg, plan=plan)
+
+
+def test_init_from_hf_keeps_every_plan_key(tiny, tmp_path):
+    from engine import hf
+    from engine.config import ModelConfig
+    from models import LLAMA_PRESETS
+
+    arch = dataclasses.replace(LLAMA_PRESETS["tiny"], n_layers=3, d_model=32, d_ff=64)
+    source = hf.save_params(
+        _random_params(arch), arch, tmp_path / "hf"
+    )  # a Hugging Face directory of another shape
+    model = ModelConfig.of(LLAMA_PRESETS["tiny"], loss_chunks=4, remat="full", attention="xla")
+    cfg = tiny(model=model, init_from_hf=str(source))
+    got = hf.model_config(cfg)
+    assert (got.model.n_layers, got.model.d_model, got.model.d_ff) == (3, 32, 64)
+    assert (got.model.loss_chunks, got.model.remat) == (4, "full")
+    assert Plan.from_config(got).loss_chunks == 4
+
+
+def _random_params(arch):
+    from flax import nnx
+
+    from models import Llama
+
+    return nnx.to_pure_dict(nnx.state(Llama(arch, nnx.Rngs(0)), nnx.Param))
+
+
+def test_bits_per_byte_with_a_hugging_face_tokenizer(tiny, tmp_path):
+    """The loss over the UTF-8 bytes the counted eval targets spell, not per token."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    texts = [f"def f{i}(x):\n    return x * {i} + 'é{i % 7}'\n" * 3 for i in range(400)]
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<unk>"])
+    tok.train_from_iterator(texts, trainer)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    data = DataConfig(
+        source=str(tmp_path / "docs.jsonl"),
+        tokenizer=str(tmp_path / "tokenizer.json"),
+        cache_dir=str(tmp_path / "cache"),
+        seq_len=64,
+        eval_batches=2,
+    )
+    model = dataclasses.replace(tiny().model, vocab_size=320)
+    run = setup(tiny(steps=1, data=data, model=model))
+    result = evaluate(run)
+    # By hand: decode each run of counted targets and count its bytes.
+    nbytes = 0
+    for batch in run.task.eval_iter():
+        for targets, mask in zip(batch["targets"], batch["mask"], strict=True):
+            runs, current = [], []
+            for t, m in zip(targets, mask, strict=True):
+                if m:
+                    current.append(int(t))
+                else:  # a target across a document boundary: not in the loss
+                    runs.append(current)
+                    current = []
+            runs.append(current)
+            nbytes += sum(len(tok.decode(r).encode()) for r in runs if r)
+    count = sum(float(b["mask"].sum()) for b in run.task.eval_iter())
+    assert nbytes > 1.5 * count  # BPE tokens cover several bytes: per token would be wrong
+    want = result["eval_loss"] * count / math.log(2) / nbytes
+    assert result["eval_bits_per_byte"] == pytest.approx(want, rel=1e-6)
+    assert "eval_bits_per_token" not in result
+
+
+def test_a_plans_flags_give_the_same_plan():
+    from engine.config import parse_args
+
+    cfg = parse_args(["--config", "tiny"])
+    plan = Plan.from_config(
+        cfg, mesh={"data": 2, "fsdp": 2, "tensor": 2, "pipeline": 1}, remat="save:attn_out",
+        microbatches=2, loss_chunks=4, precision="bf16",
+        rules=Plan.from_config(parse_args(["--rule_overrides", "embed="])).rules,
+    )  # fmt: skip
+    again = Plan.from_config(parse_args(["--config", "tiny", *plan.flags()]))
+    assert again == plan
