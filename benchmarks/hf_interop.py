@@ -44,8 +44,9 @@ def write_random(cfg: LlamaConfig, out: Path) -> None:
     import ml_dtypes
     from flax import nnx
 
-    from engine.hf import config_to_hf, hf_tensors, write_safetensors
+    from engine.hf import hf_tensors, write_safetensors
     from models import Llama
+    from models.llama_hf import config_to_hf
 
     out.mkdir(parents=True)
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))))

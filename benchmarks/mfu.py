@@ -40,7 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from engine.config import PRESETS, ConfigError, parse_args  # noqa: E402
-from engine.metrics import peak_flops, peak_memory_gb, planned_memory_gb  # noqa: E402
+from engine.estimate import memory_sweep  # noqa: E402
+from engine.metrics import peak_flops, peak_memory_gb  # noqa: E402
 from engine.precision import POLICIES  # noqa: E402
 from engine.profile import StepTrace  # noqa: E402
 from engine.trainer import flops_per_token, setup  # noqa: E402
@@ -194,6 +195,7 @@ def memory(base) -> None:
         f"on 1 and {n} {jax.devices()[0].device_kind} devices, compiled ahead of time"
     )
     print(f"{'mesh':>22} | {'remat':>13} | accum x batch | {'args GB':>7} | {'temp GB':>7} | total")
+    variants = []
     for mesh, devices in meshes:
         for remat in ("none", "dots_no_batch", "full"):
             for accum in (1, 4):
@@ -206,14 +208,13 @@ def memory(base) -> None:
                     model=dataclasses.replace(base.model, remat=remat),
                     optim=dataclasses.replace(base.optim, microbatches=accum),
                 )
-                run = setup(cfg, jax.devices()[:devices], init=False)
-                mem = run.train_step.memory_analysis()
-                args, temp = mem.argument_size_in_bytes / 1e9, mem.temp_size_in_bytes / 1e9
-                print(
-                    f"{describe_mesh(run.mesh):>22} | {remat:>13} | "
-                    f"{f'{accum} x {cfg.batch_size // accum}':>13} | "
-                    f"{args:7.2f} | {temp:7.2f} | {planned_memory_gb(run.train_step):8.2f}"
-                )
+                label = f"{remat:>13} | {f'{accum} x {base.batch_size}':>13}"
+                variants.append((label, cfg, jax.devices()[:devices]))
+    for label, run, mem in memory_sweep(variants):
+        print(
+            f"{describe_mesh(run.mesh):>22} | {label} | "
+            f"{mem.args_gb:7.2f} | {mem.temp_gb:7.2f} | {mem.total_gb:8.2f}"
+        )
 
 
 def main() -> None:

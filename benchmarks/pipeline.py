@@ -32,6 +32,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 
 from engine.config import PRESETS, Config, DataConfig  # noqa: E402
+from engine.estimate import memory_sweep  # noqa: E402
 from engine.trainer import setup  # noqa: E402
 from sharding import MeshConfig, PipelineConfig, bubble, describe_mesh  # noqa: E402
 
@@ -143,15 +144,14 @@ def memory_report(preset: str) -> None:
         if n % stages == 0 and cfg.model.n_layers % stages == 0 and micro % stages == 0:
             mesh = MeshConfig(data=1, fsdp=n // stages, pipeline=stages)
             candidates.append((mesh, PipelineConfig(microbatches=micro)))
-    for mesh, pipe in candidates:
-        c = dataclasses.replace(cfg, mesh=mesh, pipeline=pipe)
-        run = setup(c, init=False)
-        mem = run.train_step.memory_analysis()
-        name = describe_mesh(run.mesh) + (f", M={pipe.microbatches}" if mesh.pipeline > 1 else "")
-        print(
-            f"{name:>32} | {mem.argument_size_in_bytes / 1e9:8.3f} | "
-            f"{mem.temp_size_in_bytes / 1e9:8.3f} | {run.compile_s:9.1f}"
-        )
+    variants = [
+        (f", M={pipe.microbatches}" if mesh.pipeline > 1 else "",
+         dataclasses.replace(cfg, mesh=mesh, pipeline=pipe), None)
+        for mesh, pipe in candidates
+    ]  # fmt: skip
+    for suffix, run, mem in memory_sweep(variants):
+        name = describe_mesh(run.mesh) + suffix
+        print(f"{name:>32} | {mem.args_gb:8.3f} | {mem.temp_gb:8.3f} | {mem.compile_s:9.1f}")
 
 
 def main():

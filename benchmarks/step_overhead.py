@@ -22,7 +22,6 @@ if "--memory" in sys.argv and "XLA_FLAGS" not in os.environ:
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import math  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -33,6 +32,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from engine.config import PRESETS, parse_args  # noqa: E402
+from engine.estimate import memory_sweep  # noqa: E402
 from engine.optim import make_optimizer  # noqa: E402
 from engine.precision import POLICIES  # noqa: E402
 from engine.trainer import setup, train  # noqa: E402
@@ -139,28 +139,22 @@ def memory_report(preset: str) -> None:
         f"{n} x {jax.devices()[0].device_kind}"
     )
     print(f"{'mesh':>16} | {'state GB':>8} | {'args GB':>8} | {'temp GB':>8} | state vs fsdp=1")
-    base = None
-    for fsdp in (1, 2, 4, 8):
-        if n % fsdp:
-            continue
-        c = dataclasses.replace(cfg, mesh=MeshConfig(data=n // fsdp, fsdp=fsdp))
-        run = setup(c, init=False)
-        mem = run.train_step.memory_analysis()
-        state_bytes = bytes_per_device(run.state, run.state_shardings)
-        base = base or state_bytes
-        print(
-            f"{f'data={n // fsdp} fsdp={fsdp}':>16} | {state_bytes / 1e9:8.3f} | "
-            f"{mem.argument_size_in_bytes / 1e9:8.3f} | {mem.temp_size_in_bytes / 1e9:8.3f} | "
-            f"1/{base / state_bytes:.2f}"
+    variants = [
+        (
+            f"data={n // fsdp} fsdp={fsdp}",
+            dataclasses.replace(cfg, mesh=MeshConfig(data=n // fsdp, fsdp=fsdp)),
+            None,
         )
-
-
-def bytes_per_device(tree, shardings) -> int:
-    """Bytes one device holds of `tree`, from each leaf's shard shape."""
-    return sum(
-        math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
-        for x, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
-    )
+        for fsdp in (1, 2, 4, 8)
+        if n % fsdp == 0
+    ]
+    base = None
+    for label, _, mem in memory_sweep(variants):
+        base = base or mem.state_gb
+        print(
+            f"{label:>16} | {mem.state_gb:8.3f} | {mem.args_gb:8.3f} | {mem.temp_gb:8.3f} | "
+            f"1/{base / mem.state_gb:.2f}"
+        )
 
 
 def main():
