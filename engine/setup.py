@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine.config import Config, ConfigError
 from engine.data import TASKS, batch_shapes, make_task
-from engine.family import build_model, model_family
+from engine.family import build_model, model_arch, model_family
 from engine.optim import hyperparams, make_optimizer
 from engine.plan import Plan, violations
 from engine.precision import POLICIES, LossScale
@@ -136,10 +136,12 @@ def setup(
         with jax.set_mesh(mesh), axis_rules(rules):
             state = jax.jit(init_fn, out_shardings=state_shardings)(hparams)
 
-    chunks = plan.loss_chunks if model_family(cfg).sequence_model else 1
+    family = model_family(cfg)
+    chunks = plan.loss_chunks if family.sequence_model else 1
     train_fn = make_train_step(
         graphdef, policy, plan.microbatches, batch_shardings["inputs"],
         skip_nonfinite=cfg.nan_policy == "skip", loss_chunks=chunks,
+        aux_weights=family.aux_weights(model_arch(cfg)),
     )  # fmt: skip
     eval_fn = make_eval_step(graphdef, policy, chunks)
     replicated = NamedSharding(mesh, P())  # scalar metrics, readable on every host

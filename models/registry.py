@@ -34,6 +34,9 @@ class ModelFamily:
     """Our param path -> (HF name template, HF -> ours, ours -> HF)."""
     sequence_model: bool = True
     """Has a stack of layers over a sequence (pipelines, generation, loss chunks)."""
+    aux_weights: Callable[[Any], dict[str, float]] = lambda arch: {}
+    """(arch) -> {aux name: weight}: the layers' aux values the train step adds to the loss
+    (an MoE balance loss, say); every aux value is logged either way."""
 
     def arch(self, values: dict) -> Any:
         """The architecture config from a dict that may hold other keys too (a run's

@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import cli
 
@@ -246,3 +247,77 @@ def test_a_plans_flags_give_the_same_plan():
     )  # fmt: skip
     again = Plan.from_config(parse_args(["--config", "tiny", *plan.flags()]))
     assert again == plan
+
+
+class ProbeLoss(SwiGLU):
+    """The dense block with a parameter-dependent aux value its family weights into the loss."""
+
+    def __call__(self, h):
+        y, aux = super().__call__(h)
+        return y, {**aux, "probe_loss": jnp.sum(jnp.square(self.w_down[...]))}
+
+
+def test_a_weighted_aux_value_is_added_to_the_loss(tiny, monkeypatch):
+    """The step's gradient is that of mean cross-entropy + weight x aux; `loss` stays the
+    cross-entropy and the aux value is logged under its name."""
+    from engine import family
+    from engine.precision import POLICIES
+    from engine.step import make_losses_fn
+    from models.registry import FAMILIES, LLAMA, register
+
+    monkeypatch.setitem(FEED_FORWARD, "probe_loss", ProbeLoss)
+    register(dataclasses.replace(LLAMA, name="weighted", aux_weights=lambda a: {"probe_loss": 1.0}))
+    monkeypatch.setitem(family.TASK_FAMILY, "lm", "weighted")
+    try:
+        model = dataclasses.replace(tiny().model, feed_forward="probe_loss")
+        run = setup(tiny(mesh=dict(data=1), steps=2, model=model), jax.devices()[:1])
+    finally:
+        del FAMILIES["weighted"]
+    batch = run.put_batch(run.task.train_batch(0))
+    losses_fn = make_losses_fn(run.graphdef, POLICIES["fp32"])
+
+    def objective(params, weight):
+        values = losses_fn(params, batch)
+        return values["loss_sum"] / values["count"] + weight * values["probe_loss"]
+
+    weighted, plain = (
+        float(optax.tree.norm(jax.grad(objective)(run.state.params, w))) for w in (1.0, 0.0)
+    )
+    ce = float(objective(run.state.params, 0.0))
+    _, metrics = run.train_step(run.state, batch)
+    assert float(metrics["grad_norm"]) == pytest.approx(weighted, rel=1e-5)
+    assert abs(weighted - plain) > 0.01 * plain  # the weight mattered
+    assert float(metrics["loss"]) == pytest.approx(ce, rel=1e-6)
+    assert float(metrics["probe_loss"]) > 0
+
+
+class Counting:
+    """A caller's own data source: each row counts up (mod 64) from a random start."""
+
+    batch_names = {k: ("batch", "length") for k in ("inputs", "targets", "mask")}
+    tokens_per_example, vocab_size = 64, 256
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def train_batch(self, step, rows=None):
+        rows = rows or range(self.batch_size)
+        starts = np.random.default_rng(step).integers(0, 64, self.batch_size)[
+            rows.start : rows.stop
+        ]
+        window = (starts[:, None] + np.arange(65)) % 64
+        window = window.astype(np.int32)
+        mask = np.ones((len(starts), 64), np.float32)
+        return {"inputs": window[:, :-1], "targets": window[:, 1:], "mask": mask}
+
+    def eval_iter(self, rows=None):
+        yield self.train_batch(10**6, rows)
+
+
+def test_a_caller_passes_its_own_data_source(tiny):
+    optim = OptimConfig(lr=1e-2, warmup_steps=5)
+    records = train(tiny(mesh=dict(data=2, fsdp=2, tensor=2), steps=30, optim=optim),
+                    task=Counting(16))  # fmt: skip
+    assert records[-1]["loss"] < 0.3 * records[0]["loss"]  # counting is easy to learn
+    assert records[-1]["eval_loss"] < 0.3 * records[0]["loss"]
+    assert "eval_bits_per_byte" not in records[-1]  # no tokenizer: no claim about bytes
