@@ -223,7 +223,7 @@ class Trainer:
                 if evaluated and done < cfg.steps:
                     for callback in self.callbacks:
                         if callback.on_eval(self, record) and not self.stop_reason:
-                            self.stop_reason = f"{type(callback).__name__} at step {done}"
+                            self.stop_reason = f"callback {type(callback).__name__}"
                 if ckpt and cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
                     self._save(ckpt, done)
                     saved = done

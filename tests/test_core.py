@@ -95,10 +95,13 @@ class StopAtEval(Callback):
         self.events.append(("end", len(records)))
 
 
-def test_a_callback_stops_the_run_at_an_evaluation(tiny):
+def test_a_callback_stops_the_run_at_an_evaluation(tiny, capsys):
     callback = StopAtEval()
     cfg = tiny(steps=20, eval_every=5, checkpoint=CheckpointConfig(every=100))
     records = train(cfg, callbacks=[callback])
+    assert (
+        "callback StopAtEval: stopped after step 10, checkpoint saved in" in capsys.readouterr().out
+    )
     assert [r["step"] for r in records] == list(range(1, 11))
     assert callback.events == [("start", 0), ("eval", 5), ("eval", 10), ("save", 10), ("end", 10)]
     # Saved where it stopped: the same command resumes from step 10.
