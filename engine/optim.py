@@ -35,11 +35,13 @@ class OptimConfig:
 def hyperparams(cfg: OptimConfig, total_steps: int) -> dict[str, jax.Array]:
     """The runtime scalars of the optimizer and its schedule, as float32 arrays."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    end = cfg.lr * cfg.min_lr_ratio
     values = {
         "lr": cfg.lr,
         "warmup_steps": warmup,
         "decay_steps": max(total_steps, warmup + 1),
-        "min_lr_ratio": cfg.min_lr_ratio,
+        # As optax derives it (end / peak in float64), so the schedule matches it bit for bit.
+        "min_lr_ratio": end / cfg.lr if cfg.lr else 0.0,
         "b1": cfg.b1,
         "b2": cfg.b2,
         "eps": cfg.eps,
@@ -50,14 +52,17 @@ def hyperparams(cfg: OptimConfig, total_steps: int) -> dict[str, jax.Array]:
 
 
 def learning_rate(h: dict, step: jax.Array) -> jax.Array:
-    """optax.warmup_cosine_decay_schedule(0, lr, warmup, decay, lr * min_lr_ratio), computed
-    from runtime values."""
+    """optax.warmup_cosine_decay_schedule(0, lr, warmup, decay, lr * min_lr_ratio) from runtime
+    values. Divisions are written as the reciprocal products XLA turns optax's constant
+    divisors into, so the rates are the same bit for bit (checked over whole schedules)."""
     step = jnp.asarray(step, jnp.float32)
-    warm = h["lr"] * step / jnp.maximum(h["warmup_steps"], 1.0)
-    progress = jnp.clip((step - h["warmup_steps"]) / (h["decay_steps"] - h["warmup_steps"]), 0, 1)
-    end = h["lr"] * h["min_lr_ratio"]
-    cosine = end + (h["lr"] - end) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
-    return jnp.where(step < h["warmup_steps"], warm, cosine)
+    warmup, lr, alpha = h["warmup_steps"], h["lr"], h["min_lr_ratio"]
+    frac = 1 - jnp.clip(step, 0, warmup) * (1 / jnp.maximum(warmup, 1.0))
+    warm = -lr * frac + lr
+    decay = h["decay_steps"] - warmup
+    count = jnp.minimum(step - warmup, decay)
+    cosine = 0.5 * (1 + jnp.cos(count * (jnp.float32(jnp.pi) * (1 / decay))))
+    return jnp.where(step < warmup, warm, lr * ((1 - alpha) * cosine + alpha))
 
 
 def _decay_mask(params):

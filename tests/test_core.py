@@ -324,3 +324,18 @@ def test_a_caller_passes_its_own_data_source(tiny):
     assert records[-1]["loss"] < 0.3 * records[0]["loss"]  # counting is easy to learn
     assert records[-1]["eval_loss"] < 0.3 * records[0]["loss"]
     assert "eval_bits_per_byte" not in records[-1]  # no tokenizer: no claim about bytes
+
+
+@pytest.mark.parametrize(
+    "optim, steps",
+    [(OptimConfig(), 300), (OptimConfig(warmup_steps=0), 50),
+     (OptimConfig(lr=6e-4, warmup_steps=100, min_lr_ratio=0.05), 1000)],
+)  # fmt: skip
+def test_the_runtime_schedule_is_optaxs_bit_for_bit(optim, steps):
+    from engine.optim import hyperparams, learning_rate, make_optimizer
+
+    _, schedule = make_optimizer(optim, steps)
+    h = hyperparams(optim, steps)
+    steps_ = jnp.arange(steps + 1, dtype=jnp.int32)
+    got = jax.jit(jax.vmap(lambda s: learning_rate(h, s)))(steps_)
+    np.testing.assert_array_equal(got, jax.jit(jax.vmap(schedule))(steps_))
