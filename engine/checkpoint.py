@@ -194,11 +194,19 @@ def _step_dir(path: Path) -> Path:
 def find_params(path: str | Path) -> Path:
     """The `params` item of a run directory (its newest checkpoint), a checkpoint step
     directory, or a params-only export."""
-    path = _step_dir(Path(path).absolute())
+    path = Path(path).absolute()
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; pass a run directory or params export.")
+    if (path / "metrics.jsonl").is_file() and not (path / "checkpoints").is_dir():
+        raise ConfigError(
+            f"{path} is a run directory without a checkpoint (it ran with --checkpoint.every=0 "
+            "and --checkpoint.final=False); train it again with checkpoints kept."
+        )
+    path = _step_dir(path)
     if not (path / "params").is_dir():
         raise ConfigError(
-            f"--init_from={path} is not a run directory, a checkpoint or a params export "
-            "(there is no 'params' in it); pass one of those."
+            f"{path} is not a run directory, a checkpoint or a params export (there is no "
+            "'params' in it); pass one of those."
         )
     return path / "params"
 

@@ -8,6 +8,7 @@ come from tyro.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import sys
 from pathlib import Path
 from typing import Literal
@@ -92,6 +93,9 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this, forever; 0 = none."""
     async_save: bool = True
     """Write in the background while training continues."""
+    final: bool = True
+    """Also save when the run ends or is stopped (even with every=0), so a run that trained
+    always keeps its state; False: keep only what `every` saves."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +126,10 @@ class LogConfig:
     summary_every: int = 50
     """Print a one-line summary every N steps."""
     progress: bool = True
-    """Show a progress bar (on terminals only)."""
+    """Show a progress bar on terminals; elsewhere (CI, nohup, notebooks) a line every
+    progress_every_s seconds."""
+    progress_every_s: float = 10.0
+    """Without a terminal: seconds between progress lines."""
     tensorboard: bool = True
     """Write TensorBoard event files into run_dir."""
     profile_from: int = 0
@@ -260,54 +267,117 @@ def _flags(overrides: dict, prefix: str = "") -> list[str]:
     return flags
 
 
-def _base(name: str) -> tuple[Config, list[str]]:
-    if name in PRESETS:
-        return PRESETS[name], []
-    path = Path(name)
-    if path.suffix in (".json", ".yaml", ".yml"):
-        if not path.is_file():
-            raise ConfigError(f"Config file '{name}' does not exist; pass an existing file path.")
-        import yaml  # YAML is a superset of JSON: one parser for both
+def _config_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass, e.g. 'optim.lr'."""
+    keys = []
+    for field in dataclasses.fields(cls):
+        kind = field.type if isinstance(field.type, type) else None
+        default = field.default
+        if dataclasses.is_dataclass(default):
+            keys += _config_keys(type(default), f"{prefix}{field.name}.")
+        elif kind is None or not dataclasses.is_dataclass(kind):
+            keys.append(prefix + field.name)
+    return keys
 
-        try:
-            overrides = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Config file '{name}' is not valid JSON/YAML ({e}).") from None
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"Config file '{name}' must hold a mapping of config keys.")
-        return Config(), _flags(overrides)
-    raise ConfigError(
-        f"Unknown preset '{name}'; use one of {', '.join(PRESETS)} or a .json/.yaml file."
-    )
+
+def _check_keys(overrides: dict, name: str, prefix: str = "") -> None:
+    known = _config_keys(Config)
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in known):
+            _check_keys(value, name, dotted + ".")
+        elif dotted not in known:
+            close = difflib.get_close_matches(dotted, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "; see --help for the keys."
+            raise ConfigError(f"Config file '{name}' has an unknown key '{dotted}'{hint}")
+
+
+def _file_flags(name: str) -> list[str]:
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{name}' does not exist; pass an existing file path.")
+    import yaml  # YAML is a superset of JSON: one parser for both
+
+    try:
+        overrides = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file '{name}' is not valid JSON/YAML ({e}).") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"Config file '{name}' must hold a mapping of config keys.")
+    _check_keys(overrides, name)
+    return _flags(overrides)
+
+
+def _base(names: list[str]) -> tuple[Config, list[str]]:
+    """The first --config may be a preset; every .json/.yaml file after it (or alone, over
+    the defaults) applies its keys on top, in order."""
+    base, flags = Config(), []
+    for i, name in enumerate(names):
+        if name in PRESETS and i == 0:
+            base = PRESETS[name]
+        elif Path(name).suffix in (".json", ".yaml", ".yml"):
+            flags += _file_flags(name)
+        elif name in PRESETS:
+            raise ConfigError(
+                f"--config {name} comes after another --config; only the first may be a preset "
+                "(put it first, files after it)."
+            )
+        else:
+            raise ConfigError(
+                f"Unknown preset '{name}'; use one of {', '.join(PRESETS)} or a .json/.yaml file."
+            )
+    return base, flags
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Resolve `--config` (preset or file), then apply the remaining flags on top."""
+    """Resolve `--config` (a preset and/or files, in order), then apply the remaining flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = "default"
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            name = argv[i + 1]
-            del argv[i : i + 2]
-            break
-        if arg.startswith("--config="):
-            name = arg.split("=", 1)[1]
-            del argv[i]
-            break
-    base, file_flags = _base(name)
+    names, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            names.append(argv[i + 1])
+            i += 2
+            continue
+        if argv[i].startswith("--config="):
+            names.append(argv[i].split("=", 1)[1])
+        else:
+            rest.append(argv[i])
+        i += 1
+    base, file_flags = _base(names or ["default"])
     description = (
         "Train a model with shardtrain.\n\n"
         f"--config PRESET_OR_FILE  one of: {', '.join(PRESETS)}; or a .json/.yaml file of "
-        "overrides (e.g. a run's config.json). Flags below override single keys."
+        "overrides (e.g. a run's config.json); several apply in order (--config tiny "
+        "--config mine.yaml). Flags below override single keys."
     )
-    return tyro.cli(
+    flags = file_flags + rest
+    cfg = tyro.cli(
         Config,
         default=base,
-        args=file_flags + argv,
+        args=flags,
+        prog="python -m engine.train",
         description=description,
         use_underscores=True,
         config=(tyro.conf.FlagConversionOff,),
     )
+    # --mesh.data=-1 is only the default fill: another axis set to -1 takes the fill over.
+    others = [f.name for f in dataclasses.fields(cfg.mesh) if f.name != "data"]
+    if cfg.mesh.data == -1 and any(getattr(cfg.mesh, a) == -1 for a in others):
+        if not any(f.startswith("--mesh.data") for f in flags):
+            cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1))
+    return cfg
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that run but are probably not what was meant."""
+    warnings = []
+    if cfg.optim.warmup_steps >= cfg.steps:
+        warnings.append(
+            f"--optim.warmup_steps={cfg.optim.warmup_steps} is not below --steps={cfg.steps}: "
+            "the learning rate only warms up (reaching its peak at the last step) and never "
+            "decays."
+        )
+    return warnings
 
 
 def config_errors(cfg: Config) -> list[ConfigError]:

@@ -3,6 +3,7 @@
     python -m engine.generate --run_dir runs/default --prompt "def main("
     python -m engine.generate --hf_dir path/to/Llama-3.2-1B --prompt "The capital of France"
     python -m engine.generate --run_dir R --prompt "..." --temperature 0.8 --top_p 0.95
+    python -m engine.generate --run_dir R --prompt_ids 1,15,27     # token ids in, ids out
 
 Greedy by default (--temperature 0); otherwise temperature, top-k and top-p (nucleus) sampling.
 The whole generation — the prompt through the model once, then one token at a time against the
@@ -110,7 +111,8 @@ def generate(model: Llama, prompt, sampling: Sampling = Sampling(), use_cache: b
 
 
 def _from_run(run_dir: Path):
-    """The model of a run directory (or params export) and its tokenizer."""
+    """The model of a run directory (or params export) and its tokenizer (None when the run
+    recorded none: a params export imported from Hugging Face)."""
     from engine.checkpoint import load_model
     from engine.config import DataConfig
     from engine.sources import make_tokenizer
@@ -121,7 +123,9 @@ def _from_run(run_dir: Path):
             f"{run_dir} holds a --task={config.get('task')} model, which does not generate "
             "text; pass the run directory of a language model."
         )
-    data = DataConfig(**{k: v for k, v in config.get("data", {}).items() if k != "source"})
+    if "data" not in config:
+        return model, None
+    data = DataConfig(**{k: v for k, v in config["data"].items() if k != "source"})
     return model, make_tokenizer(data)
 
 
@@ -134,27 +138,60 @@ def _from_hf(hf_dir: Path):
     return model, HFTokenizer(str(tokenizer_file)) if tokenizer_file.is_file() else None
 
 
+def prompt_tokens(text: str | None, ids: str | None, tokenizer, vocab_size: int, where: str):
+    """The prompt as token ids, from text (needs a tokenizer) or from comma-separated ids."""
+    if ids is not None:
+        try:
+            tokens = [int(t) for t in ids.split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--prompt_ids={ids} is not a comma-separated list of token ids, e.g. 1,15,27."
+            ) from None
+        bad = [t for t in tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise ConfigError(
+                f"--prompt_ids has token id {bad[0]}, outside the model's vocabulary of "
+                f"{vocab_size} ids (0-{vocab_size - 1}); pass ids below {vocab_size}."
+            )
+    else:
+        if tokenizer is None:
+            raise ConfigError(
+                f"--prompt is text, and {where} has no tokenizer to encode it (no tokenizer.json "
+                "recorded); pass token ids with --prompt_ids 1,15,27 instead."
+            )
+        tokens = list(tokenizer.encode_batch([text])[0])
+    if not tokens:
+        raise ConfigError(
+            "The prompt is empty; give at least one token (--prompt or --prompt_ids)."
+        )
+    return np.asarray(tokens, np.int32)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--run_dir", help="a run directory or params export (newest checkpoint)")
-    where.add_argument("--hf_dir", help="a Hugging Face Llama directory")
-    parser.add_argument("--prompt", required=True, help="text, or token ids like '1,15,27'")
+    where.add_argument("--hf_dir", help="a Hugging Face directory")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text, encoded with the model's tokenizer")
+    prompt.add_argument("--prompt_ids", help="token ids, e.g. 1,15,27 (printed back as ids)")
     for field in dataclasses.fields(Sampling):
         parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
     parser.add_argument("--no_cache", action="store_true", help="recompute every step (slow)")
     args = parser.parse_args(argv)
     sampling = Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
     try:
+        source = args.run_dir or args.hf_dir
         if args.run_dir:
             model, tokenizer = _from_run(Path(args.run_dir))
         else:
             model, tokenizer = _from_hf(Path(args.hf_dir))
-        as_ids = tokenizer is None or all(c.isdigit() or c == "," for c in args.prompt)
-        if as_ids:
-            prompt = np.array([int(t) for t in args.prompt.split(",")])
-        else:
-            prompt = np.asarray(tokenizer.encode_batch([args.prompt])[0], np.int32)
+        vocab = model.cfg.vocab_size
+        prompt = prompt_tokens(args.prompt, args.prompt_ids, tokenizer, vocab, source)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -162,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     out = generate(model, prompt, sampling, use_cache=not args.no_cache)[0]
     seconds = time.perf_counter() - start
     new = out[len(prompt) :]
-    text = ",".join(map(str, new)) if as_ids else tokenizer.decode(new)
+    text = ",".join(map(str, new)) if args.prompt_ids is not None else tokenizer.decode(new)
     print(text)
     print(f"[{len(new)} tokens in {seconds:.2f}s including compilation]", file=sys.stderr)
     return 0

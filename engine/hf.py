@@ -331,6 +331,12 @@ def _import(hf_dir: str, out: str) -> str:
 def _export(source: str, out: str, dtype: str) -> str:
     from engine.checkpoint import load_model
 
+    out_path = Path(out).absolute()
+    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
+        raise ConfigError(
+            f"{out_path} exists and is not empty; pass a new directory to export to (nothing "
+            "there was changed)."
+        )
     model, _ = load_model(source)
     save(model, out, dtype)
     return f"exported {source} to {out} as a Hugging Face directory ({dtype})"

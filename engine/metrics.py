@@ -52,6 +52,14 @@ def planned_memory_gb(compiled) -> float | None:
     return (owned + m.temp_size_in_bytes) / 1e9
 
 
+def format_bytes(n: float) -> str:
+    """Bytes in the largest unit that keeps a leading digit: '512 B', '3.20 MB', '1.50 GB'."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int, peak: float | None):
     if not peak:
         return None

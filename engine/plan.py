@@ -33,7 +33,7 @@ from sharding import (
     mesh_sizes,
     override_rules,
 )
-from sharding.mesh import resolve
+from sharding.mesh import resolve, with_device_hint
 from sharding.pipeline import AXIS as PIPELINE_AXIS, check_pipeline
 
 
@@ -138,7 +138,7 @@ def violations(cfg: Config, plan: Plan, devices: int | Sequence, platform: str |
     try:
         sizes = resolve({a.name: plan.mesh.get(a.name, 1) for a in plan.axes}, devices)
     except ShardingError as e:
-        return [*errors, e]
+        return [*errors, with_device_hint(e, platform)]
     stages = sizes.get(PIPELINE_AXIS, 1)
     if stages > 1 and not sequence_model:
         errors.append(ConfigError(

@@ -159,32 +159,56 @@ def read_texts(path: str, field: str, batch: int = 1024):
             yield texts
 
 
-def write_token_file(out: Path, docs, eos_id: int, vocab_size: int) -> Path:
-    """Write documents (iterable of token arrays) as `out.bin` + `out.json`, atomically."""
+def write_token_file(out: str | Path, docs, eos_id: int, vocab_size: int) -> Path:
+    """Write documents (iterable of token arrays) as `out.bin` + `out.json`, atomically: a
+    failure leaves no partial file."""
+    out = Path(out)
     dtype = np.uint8 if vocab_size <= 2**8 else np.uint16 if vocab_size <= 2**16 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     count = 0
-    with open(tmp, "wb") as f:
-        for doc in docs:
-            f.write(np.append(doc, eos_id).astype(dtype).tobytes())
-            count += 1
+    try:
+        with open(tmp, "wb") as f:
+            for doc in docs:
+                f.write(np.append(doc, eos_id).astype(dtype).tobytes())
+                count += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     meta = {"dtype": np.dtype(dtype).name, "eos_id": eos_id, "vocab_size": vocab_size}
     out.with_suffix(".json").write_text(json.dumps({**meta, "documents": count}) + "\n")
     tmp.rename(out.with_suffix(".bin"))  # last: a .bin exists only when complete
     return out.with_suffix(".bin")
 
 
+def fingerprint(fs, path: str) -> list:
+    """What identifies a file's content without reading it all: name, size, the modification
+    time and ETag/checksum its file system reports, and for local files a hash of 64 KiB at
+    its start, middle and end (an edit that keeps size and time still shows)."""
+    info = fs.info(path)
+    stamps = ("size", "mtime", "LastModified", "last_modified", "ETag", "etag", "md5Hash", "crc32c")
+    found = [path] + [str(info[k]) for k in stamps if info.get(k) is not None]
+    if "file" in fs.protocol or "local" in fs.protocol:
+        size, digest = info["size"], hashlib.sha256()
+        with open(path, "rb") as f:
+            for start in sorted({0, max(size // 2 - 32768, 0), max(size - 65536, 0)}):
+                f.seek(start)
+                digest.update(f.read(65536))
+        found.append(digest.hexdigest())
+    return found
+
+
 def tokenize_to_cache(cfg: DataConfig, tokenizer) -> Path:
     """Tokenize the text shards of `cfg.source` once into a token file in the cache.
 
-    Keyed by the shard names, sizes and tokenizer, so a changed input is tokenized again;
+    Keyed by each shard's content (`fingerprint`) and the tokenizer, so a changed input is
+    tokenized again;
     every process (or host) builds or finds its own copy, with no shared file system needed."""
     import fsspec
 
     files = expand(cfg.source)
     fs = fsspec.core.url_to_fs(files[0])[0]
-    key = json.dumps([[f, fs.size(f)] for f in files] + [cfg.tokenizer, cfg.text_field])
+    key = json.dumps([fingerprint(fs, f) for f in files] + [cfg.tokenizer, cfg.text_field])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache_dir = Path(cfg.cache_dir or Path.home() / ".cache" / "shardtrain" / "tokens")
     out = cache_dir / digest
@@ -207,6 +231,8 @@ def load_token_file(path: str | Path, eval_tokens: int) -> TokenStream:
     """A token file by memmap; its last `eval_tokens` tokens are the validation split."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
+    if not path.exists():
+        raise ConfigError(f"--data.source={path} does not exist; pass an existing token file.")
     if not meta_path.exists():
         raise ConfigError(
             f"{path} has no {meta_path.name} beside it (dtype, eos_id, vocab_size); write token "

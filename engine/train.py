@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import sys
 
-from engine.config import ConfigError, TrainingHalted, parse_args
+from engine.config import ConfigError, TrainingHalted, config_warnings, parse_args
 from sharding import ShardingError
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
+        for warning in config_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
         # After parsing: --help should not wait for JAX.
         from engine.distributed import initialize
         from engine.trainer import train

@@ -29,7 +29,14 @@ from engine.config import Config, TrainingHalted
 from engine.data import prefetch
 from engine.distributed import is_primary
 from engine.family import build_model, flops_per_token  # noqa: F401  (the library's API)
-from engine.metrics import MetricsWriter, mfu, peak_flops, peak_memory_gb, planned_memory_gb
+from engine.metrics import (
+    MetricsWriter,
+    format_bytes,
+    mfu,
+    peak_flops,
+    peak_memory_gb,
+    planned_memory_gb,
+)
 from engine.plan import Plan
 from engine.profile import StepTrace
 from engine.setup import Run, setup
@@ -127,7 +134,7 @@ class Trainer:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = None
-        if cfg.checkpoint.every or (run_dir / "checkpoints").is_dir():
+        if cfg.checkpoint.every or cfg.checkpoint.final or (run_dir / "checkpoints").is_dir():
             ckpt = Checkpoints(run)
         start = 0
         restored = ckpt.restore_latest() if ckpt else None
@@ -147,6 +154,9 @@ class Trainer:
             config = json.dumps(dataclasses.asdict(cfg), indent=2)
             (run_dir / "config.json").write_text(config + "\n")
         log(_banner(run))
+        if not restored and (run_dir / "metrics.jsonl").is_file() and primary:
+            log(f"warning: replacing {run_dir / 'metrics.jsonl'}: the earlier run there left no "
+                "checkpoint to resume from")  # fmt: skip
         if restored:
             log(f"resumed from step {start} ({restored.path})")
         elif cfg.init_from or cfg.init_from_hf:
@@ -174,7 +184,9 @@ class Trainer:
         )
         for callback in self.callbacks:
             callback.on_start(self)
-        last = time.perf_counter()
+        # Without a terminal (CI, nohup, notebooks) the bar is off: a line now and then instead.
+        quiet = cfg.log.progress and primary and bar.disable
+        began = noted = last = time.perf_counter()
         try:
             for step in range(start, cfg.steps):
                 done = step + 1
@@ -217,7 +229,11 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if done % cfg.log.summary_every == 0 or done == cfg.steps:
-                    log(_summary(record))
+                    log(_summary(record, run.task.tokens_per_example))
+                elif quiet and now - noted >= cfg.log.progress_every_s:
+                    log(f"step {done}/{cfg.steps} | loss {record['loss']:.4f} | "
+                        f"{record['step_time_s'] * 1e3:.0f} ms/step")  # fmt: skip
+                    noted = now
                 for callback in self.callbacks:
                     callback.on_step(self, record)
                 if evaluated and done < cfg.steps:
@@ -234,10 +250,14 @@ class Trainer:
                         self._save(ckpt, done)
                     log(_stopped(received or self.stop_reason or "preemption", done, ckpt))
                     return records
-            if ckpt and cfg.checkpoint.every and saved != cfg.steps and start < cfg.steps:
+            keep = cfg.checkpoint.every or cfg.checkpoint.final
+            if ckpt and keep and saved != cfg.steps and start < cfg.steps:
                 self._save(ckpt, cfg.steps)
+                saved = cfg.steps
             if start >= cfg.steps:
                 log(f"nothing to do: the run in {run_dir} already reached step {cfg.steps}")
+            else:
+                log(_closing(records, time.perf_counter() - began, run_dir, saved, ckpt))
             return records
         finally:
             # Whatever stops the loop, the checkpoint being written completes before exit.
@@ -276,7 +296,7 @@ def _banner(run: Run) -> str:
     params = sum(x.size for x in jax.tree.leaves(run.state.params))
     processes = f" | {jax.process_count()} processes" if jax.process_count() > 1 else ""
     planned = planned_memory_gb(run.train_step)
-    plan = f" | step needs {planned:.2f} GB/device" if planned is not None else ""
+    plan = f" | step needs {format_bytes(planned * 1e9)}/device" if planned is not None else ""
     return (
         f"shardtrain: {cfg.task} | {params / 1e6:.2f}M params | mesh {describe_mesh(run.mesh)}"
         f"{processes} | {_pipeline_summary(run.plan, stages_of(run.mesh))}{run.plan.precision} | "
@@ -306,6 +326,20 @@ def _check_nonfinite(cfg: Config, step: int, record: dict, in_a_row: int, saved:
     tqdm.write(f"warning: {what} is not finite; update skipped (--nan_policy=skip)")
 
 
+def _closing(records: list[dict], seconds: float, run_dir: Path, saved: int, ckpt) -> str:
+    evals = [r for r in records if "eval_loss" in r]
+    final = f" | final eval_loss {evals[-1]['eval_loss']:.4f}" if evals else ""
+    kept = (
+        f"checkpoint: {ckpt.directory / str(saved)}"
+        if ckpt and saved
+        else "no checkpoint kept (--checkpoint.final=False)"
+    )
+    return (
+        f"done: {len(records)} steps in {seconds:.0f}s{final} | metrics: "
+        f"{run_dir / 'metrics.jsonl'} | {kept}"
+    )
+
+
 def _stopped(reason: str, step: int, ckpt) -> str:
     if ckpt is None:
         return f"{reason}: stopped after step {step}; checkpointing is off, nothing saved"
@@ -325,11 +359,12 @@ def _pipeline_summary(plan: Plan, stages: int) -> str:
     )
 
 
-def _summary(r: dict) -> str:
+def _summary(r: dict, tokens_per_example: int = 2) -> str:
+    unit = "tok/s" if tokens_per_example > 1 else "examples/s"  # a classifier's "token"
     line = (
         f"step {r['step']:>6} | loss {r['loss']:.4f} | grad_norm {r['grad_norm']:.3f} | "
         f"lr {r['lr']:.2e} | {r['step_time_s'] * 1e3:.0f} ms/step | "
-        f"{r['tokens_per_sec']:,.0f} tok/s"
+        f"{r['tokens_per_sec']:,.0f} {unit}"
     )
     if r["mfu"] is not None:
         line += f" | MFU {100 * r['mfu']:.1f}%"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -120,6 +121,17 @@ def resolve(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     return sizes
 
 
+def with_device_hint(error: ShardingError, platform: str) -> ShardingError:
+    """On a CPU, a mesh wanting more devices than there are: say how to get virtual ones."""
+    found = re.search(r"needs (\d+) devices but the run has (\d+)", str(error))
+    if platform != "cpu" or not found or int(found[1]) <= int(found[2]):
+        return error
+    return ShardingError(
+        f"{error} On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N (set before "
+        "Python starts) gives N virtual devices."
+    )
+
+
 def mesh_flags(mesh: Mesh, axes) -> str:
     """The command-line flags that set `axes`, e.g. '--mesh.data=2 x --mesh.fsdp=4'."""
     return " x ".join(f"--mesh.{a}={mesh.shape[a]}" for a in axes)
@@ -142,7 +154,10 @@ def make_mesh(config, devices: list | None = None, axes: Sequence[MeshAxis] = AX
             f"Unknown mesh axis {', '.join(sorted(unknown))}; the axes are "
             f"{', '.join(a.name for a in axes)}."
         )
-    sizes = resolve({a.name: given.get(a.name, 1) for a in axes}, len(devices))
+    try:
+        sizes = resolve({a.name: given.get(a.name, 1) for a in axes}, len(devices))
+    except ShardingError as e:
+        raise with_device_hint(e, devices[0].platform) from None
     # make_mesh orders devices by physical topology (ICI/NVLink) where it knows it.
     return jax.make_mesh(
         tuple(sizes.values()),

@@ -23,6 +23,9 @@ def tiny_config(run_dir, mesh: dict | None = None, **overrides) -> Config:
     base = PRESETS["tiny"]
     log = dataclasses.replace(base.log, progress=False, tensorboard=False, summary_every=10**6)
     mesh_cfg = MeshConfig(**{"data": -1 if not mesh else 1, **(mesh or {})})
+    # Library runs in tests keep no final checkpoint, so a second run in one directory starts
+    # afresh; CLI runs keep the default (save at the end).
+    overrides.setdefault("checkpoint", dataclasses.replace(base.checkpoint, final=False))
     return dataclasses.replace(base, mesh=mesh_cfg, log=log, run_dir=str(run_dir), **overrides)
 
 

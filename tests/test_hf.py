@@ -152,7 +152,7 @@ def test_cli_import_export_and_generate(tmp_path):
         torch_logits(model, TOKENS),
     )
     prompt = ",".join(map(str, TOKENS[0, :9]))
-    out = run("engine.generate", f"--run_dir={tmp_path / 'imported'}", f"--prompt={prompt}",
+    out = run("engine.generate", f"--run_dir={tmp_path / 'imported'}", f"--prompt_ids={prompt}",
               "--max_new_tokens=8")  # fmt: skip
     with torch.no_grad():
         want = model.generate(torch.tensor(TOKENS[:1, :9]), max_new_tokens=8, do_sample=False)
