@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -27,11 +29,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Gloo reports every pairwise connection at start-up: noise, N^2 lines of it.
+NOISE = re.compile(
+    r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. Expected number of connected peer "
+    r"ranks is : \d+\n?"
+)
+
+
+def _relay(stream, out, rank: int, processes: int) -> None:
+    """A process's output, line by line, without Gloo's chatter; process 0's log as it is,
+    every other line marked with its process (errors of several never run together)."""
+    for line in stream:
+        line = NOISE.sub("", line)  # also when it lands inside another line
+        if not line:
+            continue
+        marked = out is sys.stderr or rank > 0
+        out.write(f"[process {rank}/{processes}] {line}" if marked and line.strip() else line)
+        out.flush()
+
+
 def launch(processes: int, train_args: list[str], devices_per_process: int, grace_s: float) -> int:
     address = f"localhost:{free_port()}"
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",  # whole lines, so the relay never splits one
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
     )
     procs = [
@@ -46,10 +68,20 @@ def launch(processes: int, train_args: list[str], devices_per_process: int, grac
                 f"--distributed.process_id={rank}",
             ],
             env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             start_new_session=True,  # a terminal's Ctrl-C reaches the launcher alone
         )  # fmt: skip
         for rank in range(processes)
     ]
+    readers = [
+        threading.Thread(target=_relay, args=(stream, out, rank, processes), daemon=True)
+        for rank, p in enumerate(procs)
+        for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr))
+    ]
+    for reader in readers:
+        reader.start()
 
     def forward(signum, frame):
         # As SIGTERM: every process then stops at JAX's preemption sync point and saves.
@@ -70,6 +102,8 @@ def launch(processes: int, train_args: list[str], devices_per_process: int, grac
                         print(f"launch: killing process {rank}, still running", file=sys.stderr)
                         p.kill()
             time.sleep(0.1)
+        for reader in readers:
+            reader.join(timeout=5)
         return code or next((p.returncode for p in procs if p.returncode), 0)
     finally:
         for s, handler in previous.items():
@@ -96,7 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error(f"--processes={args.processes} must be at least 1.")
-    devices = args.devices_per_process or max(1, 8 // args.processes)
+    if not args.devices_per_process and 8 % args.processes:
+        parser.error(
+            f"--processes={args.processes} does not split the 8 default virtual devices evenly; "
+            "pass --devices_per_process=N to give each process N devices."
+        )
+    devices = args.devices_per_process or 8 // args.processes
+    print(f"launch: {args.processes} processes x {devices} CPU devices", file=sys.stderr)
     return launch(args.processes, train_args, devices, args.grace_s)
 
 

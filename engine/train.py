@@ -12,7 +12,7 @@ from sharding import ShardingError
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
-        for warning in config_warnings(cfg):
+        for warning in config_warnings(cfg) if cfg.distributed.process_id <= 0 else ():
             print(f"warning: {warning}", file=sys.stderr)
         # After parsing: --help should not wait for JAX.
         from engine.distributed import initialize

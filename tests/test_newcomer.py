@@ -148,5 +148,22 @@ def test_labels_units_and_warnings(tmp_path):
     assert digits.returncode == 0, digits.stderr
     assert "examples/s" in digits.stdout + digits.stderr
     assert " tok/s" not in digits.stdout + digits.stderr
+    classifier = module("engine.generate", f"--run_dir={tmp_path / 'd'}", "--prompt=hi")
+    assert classifier.returncode == 2
+    assert "holds a --task=digits model, which does not generate text" in classifier.stderr
     usage = cli("--nonsense")
     assert "run python -m engine.train --help" in usage.stderr  # not a file path
+
+
+def test_launch_output_is_quiet_marked_and_splits_devices_evenly(tmp_path):
+    run_dir = tmp_path / "run"
+    done = module("engine.launch", "--processes=2", "--", *TINY, "--mesh.data=8",
+                  f"--run_dir={run_dir}")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "[Gloo]" not in done.stdout + done.stderr  # one line per peer pair, before
+    assert "2 processes" in done.stdout and "done: 2 steps" in done.stdout
+    marked = [line for line in done.stderr.splitlines() if line.startswith("warning")]
+    assert not marked  # every process's stderr line carries its process
+    uneven = module("engine.launch", "--processes=3", "--", *TINY)
+    assert uneven.returncode == 2
+    assert "--processes=3 does not split the 8 default virtual devices evenly" in uneven.stderr

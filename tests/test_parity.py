@@ -58,6 +58,7 @@ def test_gradient_accumulation_for_the_classifier(tmp_path):
     cfg = dataclasses.replace(
         cfg, steps=4, run_dir=str(tmp_path), mesh=MeshConfig(data=2, fsdp=2, tensor=2),
         log=dataclasses.replace(cfg.log, progress=False, tensorboard=False),
+        checkpoint=dataclasses.replace(cfg.checkpoint, final=False),  # two runs, one directory
     )  # fmt: skip
     full = train(cfg)
     accumulated = train(
