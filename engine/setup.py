@@ -24,7 +24,6 @@ from engine.step import TrainState, make_eval_step, make_train_step
 from sharding import (
     axis_rules,
     batch_sharding,
-    check_divisible,
     make_mesh,
     process_block,
     stages_of,
@@ -97,10 +96,10 @@ def setup(
     rules, policy = plan.rules, POLICIES[plan.precision]
     tx, _ = make_optimizer(cfg.optim, cfg.steps)
 
-    # Shapes and logical names first (no memory), so a bad mesh fails before any allocation.
-    abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.seed), plan, stages))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    check_divisible(abstract_params, mesh, rules)
+    # violations() above already checked every parameter against the mesh, from these shapes.
+    graphdef, _ = nnx.split(
+        nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.seed), plan, stages))
+    )
 
     def init_fn(hparams) -> TrainState:
         params = nnx.state(build_model(cfg, nnx.Rngs(cfg.seed), plan, stages))

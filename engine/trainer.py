@@ -28,7 +28,7 @@ from engine.checkpoint import Checkpoints, restore_params
 from engine.config import Config, TrainingHalted
 from engine.data import prefetch
 from engine.distributed import is_primary
-from engine.family import build_model, flops_per_token  # noqa: F401  (the library's API)
+from engine.family import flops_per_token
 from engine.metrics import (
     MetricsWriter,
     format_bytes,
