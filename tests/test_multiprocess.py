@@ -15,6 +15,8 @@ from engine.launch import free_port
 
 # fsdp spans both processes (weights gathered across them), tensor stays inside each.
 RUN = ["--config", "tiny", "--eval_every=0", "--mesh.data=1", "--mesh.fsdp=4", "--mesh.tensor=2"]
+# Long enough (~3 s of steps) that the SIGTERM sent after step 4 lands before the run ends.
+STEPS = 100
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -25,15 +27,15 @@ def losses(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one") / "run"
-    result = cli(*RUN, "--steps=10", f"--run_dir={run_dir}")
+    result = cli(*RUN, f"--steps={STEPS}", f"--run_dir={run_dir}")
     assert result.returncode == 0, result.stderr
     return losses(run_dir)
 
 
 def test_two_processes_match_one_sigterm_saves_and_resume_on_one(tmp_path, one_process):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "engine.launch", "--processes=2", "--", *RUN, "--steps=10",
-               "--checkpoint.every=100", f"--run_dir={run_dir}"]  # fmt: skip
+    command = [sys.executable, "-m", "engine.launch", "--processes=2", "--", *RUN,
+               f"--steps={STEPS}", "--checkpoint.every=1000", f"--run_dir={run_dir}"]  # fmt: skip
     two = subprocess.Popen(command, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     wait_for_records(run_dir, 4, [two])
@@ -43,17 +45,17 @@ def test_two_processes_match_one_sigterm_saves_and_resume_on_one(tmp_path, one_p
     assert "2 processes" in out and "preemption: stopped after step" in out
     got = losses(run_dir)
     stopped = max(got)
-    assert sorted(got) == list(range(1, stopped + 1)) and stopped < 10  # process 0 alone wrote
+    assert sorted(got) == list(range(1, stopped + 1)) and stopped < STEPS  # process 0 alone wrote
     np.testing.assert_allclose([got[s] for s in got], [one_process[s] for s in got], rtol=1e-5)
     assert (run_dir / "checkpoints" / str(stopped) / "commit_success.txt").exists()
 
     # The process count changes (2 -> 1): same data position, same losses.
-    one = cli(*RUN, "--steps=10", f"--run_dir={run_dir}")
+    one = cli(*RUN, f"--steps={STEPS}", f"--run_dir={run_dir}")
     assert one.returncode == 0, one.stderr
     assert f"resumed from step {stopped}" in one.stdout + one.stderr
     got = losses(run_dir)
-    np.testing.assert_allclose([got[s] for s in range(1, 11)],
-                               [one_process[s] for s in range(1, 11)], rtol=1e-5)  # fmt: skip
+    every = range(1, STEPS + 1)
+    np.testing.assert_allclose([got[s] for s in every], [one_process[s] for s in every], rtol=1e-5)
 
 
 def wait_for_records(run_dir, count, procs, timeout=300):
