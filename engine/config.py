@@ -18,7 +18,7 @@ import tyro
 from engine.optim import OptimConfig
 from models import LLAMA_PRESETS, ClassifierConfig, LlamaConfig
 from models.layers import ATTENTION, remat_policy
-from sharding import MeshConfig, PipelineConfig
+from sharding import MeshConfig, PipelineConfig, mesh_sizes
 
 
 class ConfigError(ValueError):
@@ -329,8 +329,8 @@ def _base(names: list[str]) -> tuple[Config, list[str]]:
     return base, flags
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Resolve `--config` (a preset and/or files, in order), then apply the remaining flags."""
+def _split_configs(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(the --config names in order, the other arguments)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     names, rest, i = [], [], 0
     while i < len(argv):
@@ -340,9 +340,25 @@ def parse_args(argv: list[str] | None = None) -> Config:
             continue
         if argv[i].startswith("--config="):
             names.append(argv[i].split("=", 1)[1])
+        elif argv[i] == "--mesh.auto":  # a switch (other booleans take a value)
+            rest.append("--mesh.auto=True")
         else:
             rest.append(argv[i])
         i += 1
+    return names, rest
+
+
+def explicit_keys(argv: list[str] | None = None) -> set[str]:
+    """The dotted config keys `argv` sets itself, on the command line or in --config files
+    (a preset's values are defaults, not choices): what --mesh.auto must keep."""
+    names, rest = _split_configs(argv)
+    _, file_flags = _base(names or ["default"])
+    return {f[2:].split("=", 1)[0] for f in file_flags + rest if f.startswith("--")}
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Resolve `--config` (a preset and/or files, in order), then apply the remaining flags."""
+    names, rest = _split_configs(argv)
     base, file_flags = _base(names or ["default"])
     description = (
         "Train a model with shardtrain.\n\n"
@@ -361,7 +377,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         config=(tyro.conf.FlagConversionOff,),
     )
     # --mesh.data=-1 is only the default fill: another axis set to -1 takes the fill over.
-    others = [f.name for f in dataclasses.fields(cfg.mesh) if f.name != "data"]
+    others = [a for a in mesh_sizes(cfg.mesh) if a != "data"]
     if cfg.mesh.data == -1 and any(getattr(cfg.mesh, a) == -1 for a in others):
         if not any(f.startswith("--mesh.data") for f in flags):
             cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1))

@@ -126,10 +126,29 @@ def _axes_lists(table: dict, where: str) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def violations(cfg: Config, plan: Plan, devices: int | Sequence, platform: str | None = None):
+def apply_plan(cfg: Config, plan: Plan) -> Config:
+    """`cfg` with its execution-plan keys set to `plan`'s (what config.json records)."""
+    mesh = dataclasses.replace(cfg.mesh, **{a.name: plan.mesh.get(a.name, 1) for a in AXES})
+    model = dataclasses.replace(
+        cfg.model, remat=plan.remat, attention=plan.attention, loss_chunks=plan.loss_chunks
+    )
+    optim = dataclasses.replace(cfg.optim, microbatches=plan.microbatches)
+    return dataclasses.replace(
+        cfg, mesh=mesh, model=model, optim=optim, pipeline=plan.pipeline, precision=plan.precision
+    )
+
+
+def violations(
+    cfg: Config,
+    plan: Plan,
+    devices: int | Sequence,
+    platform: str | None = None,
+    state=None,
+):
     """Every reason `cfg`'s model cannot train with `plan` on `devices` (a device list, or a
     count with `platform`), each the one-sentence error a run would raise; [] when it can.
-    Reads only shapes: nothing is compiled, allocated or opened."""
+    Reads only shapes: nothing is compiled, allocated or opened. `state`: the model's
+    abstract params for this plan's stage count, when the caller already has them."""
     if not isinstance(devices, int):
         platform = platform or devices[0].platform
         devices = len(devices)
@@ -159,8 +178,9 @@ def violations(cfg: Config, plan: Plan, devices: int | Sequence, platform: str |
         tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes)
     )
     try:
-        model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0), plan, stages))
-        errors += divisibility_errors(nnx.state(model), mesh, plan.rules)
+        if state is None:
+            state = nnx.state(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0), plan, stages)))
+        errors += divisibility_errors(state, mesh, plan.rules)
     except (ConfigError, ShardingError, ValueError) as e:
         errors.append(e)
     return errors
@@ -203,3 +223,11 @@ def _batch_errors(cfg: Config, plan: Plan, sizes: Mapping[str, int], stages: int
         f"--batch_size={cfg.batch_size} does not split into {' x '.join(splits)}; use a batch "
         f"size that is a multiple of {accum * pipe * ways}."
     )]  # fmt: skip
+
+
+if __name__ == "__main__":  # python -m engine.plan: the planner's command line
+    import sys
+
+    from engine.plan_main import main
+
+    sys.exit(main())

@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 import sys
 
-from engine.config import ConfigError, TrainingHalted, config_warnings, parse_args
+from engine.config import (
+    ConfigError,
+    TrainingHalted,
+    config_warnings,
+    explicit_keys,
+    parse_args,
+)
 from sharding import ShardingError
 
 
@@ -23,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
             import jax
 
             jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache))
+        if cfg.mesh.auto:
+            from engine.autoplan import auto_plan, describe_choice
+
+            cfg, _, chosen = auto_plan(cfg, fixed_keys=explicit_keys(argv))
+            if cfg.distributed.process_id <= 0:
+                print(describe_choice(chosen), flush=True)
         train(cfg)
     except (ConfigError, ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)

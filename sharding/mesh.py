@@ -50,6 +50,13 @@ AXES: tuple[MeshAxis, ...] = (
 MESH_AXES = tuple(a.name for a in AXES)
 
 
+AUTO_HELP = (
+    "Let the planner (engine.autoplan) choose the mesh, remat, gradient accumulation, pipeline "
+    "microbatches and loss chunks for the devices present; keys set on the command line or in a "
+    "--config file stay as given."
+)
+
+
 def _mesh_config_class(axes: Sequence[MeshAxis]) -> type:
     """A frozen dataclass with one int field per axis (`--mesh.<axis>` on the command line)."""
     import typing
@@ -64,6 +71,11 @@ def _mesh_config_class(axes: Sequence[MeshAxis]) -> type:
         )
         for a in axes
     ]
+    fields.append((
+        "auto",
+        typing.Annotated[bool, tyro.conf.arg(help=AUTO_HELP)],
+        dataclasses.field(default=False),
+    ))  # fmt: skip
 
     def resolve_sizes(self, num_devices: int) -> dict[str, int]:
         """Axis sizes with `-1` filled in; raises ShardingError naming the bad value."""
@@ -84,7 +96,7 @@ def mesh_sizes(config) -> dict[str, int]:
     """Axis name -> size (maybe -1) of a MeshConfig or a plain mapping."""
     if isinstance(config, Mapping):
         return dict(config)
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "auto"}
 
 
 def resolve(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:

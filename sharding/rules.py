@@ -122,6 +122,16 @@ def tree_shardings(tree, mesh: Mesh, rules: Rules):
     return jax.tree.map(one, tree, is_leaf=_is_var)
 
 
+def named_leaves(tree) -> list[tuple[tuple[int, ...], jax.numpy.dtype, tuple[str | None, ...]]]:
+    """(shape, dtype, logical names) of every array leaf; leaves that are not Variables carry
+    no names (never split)."""
+    out = []
+    for x in jax.tree.leaves(tree, is_leaf=_is_var):
+        names = _names(x) if _is_var(x) else (None,) * len(x.shape)
+        out.append((tuple(x.shape), x.dtype, names))
+    return out
+
+
 def divisibility_errors(tree, mesh, rules: Rules) -> list[ShardingError]:
     """One `ShardingError` per parameter dimension its mesh axes cannot split (`mesh` may be
     abstract: only its axis sizes are read)."""

@@ -1,0 +1,304 @@
+"""Automatic parallelism: the planner (sharding.planner) fed with a config's model and batch,
+checked with training's own validation (engine.plan.violations).
+
+`plan_search` ranks every plan for a target; `auto_plan` picks one for the devices present
+(`--mesh.auto`), keeping the keys the user set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from engine.config import Config, ConfigError
+from engine.data import batch_shapes
+from engine.family import build_model, model_arch, model_family
+from engine.plan import Plan, apply_plan, violations
+from engine.precision import POLICIES
+from engine.step import TrainState
+from models.layers import remat_policy
+from sharding import PipelineConfig
+from sharding.devices import DEVICES, KINDS, device_kind, measure_cpu
+from sharding.planner import (
+    Candidate,
+    Estimate,
+    Leaf,
+    Target,
+    Workload,
+    failed_checks,
+    search,
+)
+from sharding.rules import named_leaves
+
+REMATS = ("none", "dots_no_batch", "dots", "full")
+# Config keys the planner chooses, by the name `sharding.planner.candidates` pins them with.
+PLAN_KEYS = {
+    "model.remat": "remat",
+    "optim.microbatches": "microbatches",
+    "pipeline.microbatches": "pipeline_microbatches",
+    "pipeline.repeats": "repeats",
+    "model.loss_chunks": "loss_chunks",
+}
+
+
+def workload(cfg: Config, plan: Plan) -> Workload:
+    """The planner's view of `cfg`'s model and batch: state shapes, FLOPs and the bytes each
+    remat policy saves per token and layer (autodiff's residuals, read from shapes only)."""
+    family, arch = model_family(cfg), model_arch(cfg)
+    policy = POLICIES[plan.precision]
+    seq = cfg.data.seq_len if family.sequence_model else 1
+
+    @functools.cache
+    def state(stages: int) -> tuple[Leaf, ...]:
+        return _state_leaves(cfg, plan, stages)
+
+    model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0), plan))
+    layer_bytes = {r: _saved_bytes(cfg, model, policy.compute_dtype, r) for r in REMATS}
+    layers = getattr(arch, "n_layers", 1)
+    return Workload(
+        state=state,
+        batch=cfg.batch_size,
+        seq_len=seq,
+        layers=layers,
+        width=getattr(arch, "d_model", getattr(arch, "hidden", 1)),
+        vocab=getattr(arch, "vocab_size", getattr(arch, "num_classes", 1)),
+        flops_per_token=family.flops_per_token(arch, seq),
+        layer_bytes=layer_bytes,
+        compute_bytes=jnp.dtype(policy.compute_dtype).itemsize,
+        split_name="heads" if family.sequence_model else "mlp",
+        sequence_model=family.sequence_model,
+    )
+
+
+def _state_leaves(cfg: Config, plan: Plan, stages: int) -> tuple[Leaf, ...]:
+    from engine.optim import make_optimizer
+
+    tx, _ = make_optimizer(cfg.optim, cfg.steps)
+
+    def init():
+        params = nnx.state(build_model(cfg, nnx.Rngs(0), plan, stages))
+        return TrainState(jnp.int32(0), params, tx.init(params), None, {})
+
+    abstract = jax.eval_shape(init)
+    others = dataclasses.replace(abstract, params=None)
+    return tuple(
+        Leaf(shape, names, jnp.dtype(dtype).itemsize, param=tree is abstract.params)
+        for tree in (abstract.params, others)
+        for shape, dtype, names in named_leaves(tree)
+    )
+
+
+def _saved_bytes(cfg: Config, model: nnx.Module, dtype, remat: str) -> tuple[float, float]:
+    """Bytes per token (per example) one layer saves for the backward pass under `remat`:
+    (arrays as wide as the layer's input, the rest), from two batch sizes so weights cancel."""
+    family = model_family(cfg)
+    stacked = hasattr(model, "layers") and family.sequence_model
+    graphdef, params = nnx.split(model.layers if stacked else model)
+
+    def cast(x):
+        floating = jnp.issubdtype(x.dtype, jnp.floating)
+        shape = x.shape[1:] if stacked else x.shape
+        return jax.ShapeDtypeStruct(shape, dtype if floating else x.dtype)
+
+    params = jax.tree.map(cast, params)
+    width = getattr(model_arch(cfg), "d_model", None)
+    seq = cfg.data.seq_len if family.sequence_model else 1
+
+    def residuals(batch: int):
+        if stacked:
+            x = jax.ShapeDtypeStruct((batch, seq, width), dtype)
+
+            def fn(p, x):
+                positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+                return nnx.merge(graphdef, p)(x, positions)[0]
+        else:
+            shape, _ = batch_shapes(cfg.task, cfg.data, batch)["inputs"]
+            x = jax.ShapeDtypeStruct(shape, dtype)
+
+            def fn(p, x):
+                return nnx.merge(graphdef, p)(x)
+
+        rule = remat_policy(remat)
+        fn = fn if rule is None else jax.checkpoint(fn, policy=rule)
+        return jax.tree.leaves(jax.eval_shape(lambda p, x: jax.vjp(fn, p, x)[1], params, x))
+
+    one, two = residuals(1), residuals(2)
+    whole = parted = 0.0
+    for a, b in zip(one, two, strict=True):
+        grown = math.prod(b.shape) * b.dtype.itemsize - math.prod(a.shape) * a.dtype.itemsize
+        # As wide as the layer's input (the residual stream): not split by tensor parallelism.
+        if width is not None and b.shape[-1:] == (width,) and math.prod(b.shape) == 2 * seq * width:
+            whole += grown
+        else:
+            parted += grown
+    return whole / seq, parted / seq
+
+
+def to_plan(c: Candidate, base: Plan) -> Plan:
+    return dataclasses.replace(
+        base,
+        mesh=dict(c.mesh),
+        remat=c.remat,
+        microbatches=c.microbatches,
+        pipeline=PipelineConfig(c.pipeline_microbatches, c.repeats),
+        loss_chunks=c.loss_chunks,
+    )
+
+
+def target_for(
+    kind: str, devices: int, hosts: int = 1, memory_gb: float | None = None, **overrides
+) -> Target:
+    """A `Target` from the device table (`cpu`: measured here), with fields overridden."""
+    if kind == "cpu":
+        spec = measure_cpu(devices)
+    elif kind in DEVICES:
+        spec = DEVICES[kind]
+    else:
+        raise ConfigError(
+            f"--target.kind={kind} is not in the device table; use one of {', '.join(KINDS)} "
+            "(or the nearest kind with --target.* overrides of its figures)."
+        )
+    if devices < 1:
+        raise ConfigError(f"--target.devices={devices} must be at least 1.")
+    if hosts < 1 or devices % hosts:
+        raise ConfigError(
+            f"--target.hosts={hosts} does not split --target.devices={devices} evenly; use a "
+            f"divisor of {devices}."
+        )
+    spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    return Target(spec, devices, hosts, memory_gb)
+
+
+def plan_search(
+    cfg: Config, target: Target, fixed: Mapping[str, object] = {}, platform: str = "gpu"
+) -> tuple[list[tuple[Plan, Estimate]], list[tuple[Plan, Estimate]]]:
+    """(plans that train and fit, fastest first; rejected ones, nearest to fitting first).
+    `fixed` pins mesh axes by name and the PLAN_KEYS values; `platform` is what training's
+    checks assume the devices are."""
+    base = Plan.from_config(cfg)
+    work = workload(cfg, base)
+    cache: dict = {}
+    states: dict[int, object] = {}
+
+    def model_state(stages: int):
+        if stages not in states:
+            try:
+                states[stages] = nnx.state(
+                    nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0), base, stages))
+                )
+            except Exception:  # layers that do not split into these stages: violations() says
+                states[stages] = None
+        return states[stages]
+
+    def feasible(c: Candidate) -> list[str]:
+        plan = to_plan(c, base)
+        # Remat and loss chunks change no shape that violations() checks (every REMATS entry
+        # is valid, and candidates() offers only chunk counts that divide the sequence).
+        key = (tuple(c.mesh.items()), c.microbatches, c.pipeline_microbatches, c.repeats)
+        if key not in cache:
+            stages = c.mesh.get("pipeline", 1)
+            problems = violations(apply_plan(cfg, plan), plan, target.devices, platform,
+                                  state=model_state(stages))  # fmt: skip
+            cache[key] = [str(p) for p in problems]
+        return cache[key]
+
+    axes = [a.name for a in base.axes]
+    fits, rejected = search(
+        work, target, base.rules, base.precision, axes, REMATS, feasible, fixed
+    )  # fmt: skip
+    return [(to_plan(e.candidate, base), e) for e in fits], [
+        (to_plan(e.candidate, base), e) for e in rejected
+    ]
+
+
+def no_plan_error(cfg: Config, target: Target, rejected, fixed) -> ConfigError:
+    """One sentence for a search that found nothing: the nearest plan and what would help."""
+    pinned = ", ".join(f"{k}={v}" for k, v in fixed.items())
+    if not rejected:
+        return ConfigError(
+            f"No mesh over {target.devices} devices can split this model"
+            + (f" with {pinned} fixed" if pinned else "")
+            + "; use a device count that divides its dimensions (or fewer fixed keys)."
+        )
+    plan, best = min(rejected, key=lambda r: (failed_checks(r[1]), r[1].memory_gb["total"]))
+    if failed_checks(best):
+        return ConfigError(
+            f"No plan over {target.devices} devices passes training's checks"
+            + (f" with {pinned} fixed" if pinned else "")
+            + f"; the nearest ({best.candidate.describe()}) fails with: {best.problems[0]}"
+        )
+    return ConfigError(
+        f"No plan fits {target.budget_gb:.2f} GB per device: the smallest "
+        f"({best.candidate.describe()}) needs {best.memory_gb['total']:.2f} GB; use more "
+        "devices, a smaller --batch_size, or --model.remat=full"
+        + (f" (or fix fewer of {pinned})" if pinned else "")
+        + "."
+    )
+
+
+def local_target(devices: Sequence[jax.Device]) -> Target:
+    """The devices present: their kind's row, with the memory JAX reports when it does."""
+    first = devices[0]
+    kind = "cpu" if first.platform == "cpu" else device_kind(first.device_kind)
+    limit = (first.memory_stats() or {}).get("bytes_limit") if first.platform != "cpu" else None
+    if kind is None:
+        raise ConfigError(
+            f"--mesh.auto does not know device kind '{first.device_kind}'; set the mesh by hand "
+            f"(--mesh.*) or plan for a known kind with python -m engine.plan --target.kind "
+            f"({', '.join(KINDS)})."
+        )
+    hosts = len({d.process_index for d in devices})
+    memory = limit / 1e9 * 0.95 if limit else None
+    return target_for(kind, len(devices), hosts, memory)
+
+
+def auto_plan(
+    cfg: Config, devices: Sequence[jax.Device] | None = None, fixed_keys: set[str] = frozenset()
+) -> tuple[Config, Plan, Estimate]:
+    """The fastest plan that fits `devices` (default all), keeping the config keys named in
+    `fixed_keys` ('mesh.tensor', 'model.remat', ...) as the user set them. Returns the config
+    with the plan's keys filled in, the plan and its estimate."""
+    devices = list(jax.devices() if devices is None else devices)
+    target = local_target(devices)
+    base = Plan.from_config(cfg)
+    fixed: dict[str, object] = {}
+    for axis, size in base.mesh.items():
+        if f"mesh.{axis}" in fixed_keys:
+            fixed[axis] = size
+    values = {
+        "model.remat": cfg.model.remat,
+        "optim.microbatches": cfg.optim.microbatches,
+        "pipeline.microbatches": cfg.pipeline.microbatches,
+        "pipeline.repeats": cfg.pipeline.repeats,
+        "model.loss_chunks": cfg.model.loss_chunks,
+    }
+    for key, name in PLAN_KEYS.items():
+        if key in fixed_keys:
+            fixed[name] = values[key]
+    if any(v == -1 for v in fixed.values()):
+        raise ConfigError(
+            "--mesh.auto fills the mesh itself; give fixed axes explicit sizes, not -1."
+        )
+    fits, rejected = plan_search(cfg, target, fixed, devices[0].platform)
+    if not fits:
+        raise no_plan_error(cfg, target, rejected, fixed)
+    plan, chosen = fits[0]
+    return apply_plan(cfg, plan), plan, chosen
+
+
+def describe_choice(e: Estimate) -> str:
+    """The start-up line of a --mesh.auto run."""
+    from engine.metrics import format_bytes
+
+    return (
+        f"--mesh.auto chose {e.candidate.describe()}: predicted "
+        f"{format_bytes(e.memory_gb['total'] * 1e9)}/device, "
+        f"{e.times_s['step'] * 1e3:.1f} ms/step, "
+        f"{e.tokens_per_s:,.0f} tokens/s, bound by {e.dominant}"
+    )

@@ -1,0 +1,372 @@
+"""The planner's search and cost model: every mesh shape x remat x batch split a model could
+train with, each priced by memory per device and predicted step time.
+
+It knows shapes and FLOPs only (a `Workload`), never a model, and asks the caller whether a
+candidate would train (`feasible`), so it can never rank a plan that training would reject.
+
+Memory per device = the train state's shards (exact, from shard shapes) + the batch + gradients
++ saved activations, logits and gathered weights; the last three are linear models whose
+coefficients were fitted to XLA's `memory_analysis()` (benchmarks/plan.py checks them).
+
+Step time is a roofline (assumptions, all in this file):
+- compute = FLOPs (with remat's recomputation) / (devices x peak x MATMUL_EFFICIENCY);
+- HBM = weight, activation and optimizer-state traffic / HBM bandwidth;
+- collectives = bytes on the wire / link bandwidth (ring algorithms, (n-1)/n of the data), over
+  the host's links when the axis stays inside a host and the network when it spans hosts, plus
+  a fixed latency per collective;
+- FSDP gathers and gradient reductions overlap with compute (XLA's latency-hiding scheduler);
+  tensor-parallel all-reduces and pipeline permutes sit between dependent matmuls and do not;
+- step = (max(compute, HBM, overlapped collectives) + exposed collectives) / (1 - bubble).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+from sharding.devices import DeviceSpec
+from sharding.rules import Rules, logical_to_spec
+
+MATMUL_EFFICIENCY = 0.7  # share of peak FLOP/s that large matmuls reach
+REMAT_RECOMPUTE = {"none": 0.0, "dots": 0.05, "dots_no_batch": 0.15, "full": 1 / 3}
+"""Extra share of the layers' training FLOPs spent recomputing (full: one more forward of 6)."""
+OVERLAPPED_AXES = ("data", "fsdp")  # their collectives hide behind compute
+USABLE_MEMORY = 0.9  # of a device's memory, the rest for the runtime and fragmentation
+
+# Temporaries beyond the state, as multiples of what each term names, fitted (least squares
+# over 28 compiled configs: presets x meshes x remat x precision) to XLA's memory_analysis();
+# benchmarks/plan.py re-checks them. `saved`: per layer, what autodiff keeps (XLA fuses some
+# away); `work`: one layer's backward pass at a time; `logits`: one fp32 copy of this device's
+# logits; `grads`: the parameters' fp32 shards; `gathered`: one layer's weights gathered by FSDP.
+FIT = {
+    "none": {"saved": 0.81, "work": 0.77},
+    "remat": {"saved": 0.78, "work": 0.97},
+    "logits": 0.73,
+    "grads": 1.18,
+    "gathered": 0.85,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One array of the train state: its shape, per-dimension logical names and bytes per
+    element; `param` marks parameters (optimizer slots mirror them)."""
+
+    shape: tuple[int, ...]
+    names: tuple[str | None, ...]
+    itemsize: int
+    param: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A model and its batch as the planner sees them."""
+
+    state: Callable[[int], Sequence[Leaf]]
+    """Pipeline stages -> every leaf of the train state (params laid out for those stages)."""
+    batch: int
+    """Sequences (examples) per optimizer step."""
+    seq_len: int
+    layers: int
+    width: int
+    """Size of the activations passed between layers, per token (d_model)."""
+    vocab: int
+    flops_per_token: float
+    layer_bytes: Mapping[str, tuple[float, float]]
+    """remat -> bytes per token per layer saved for the backward pass: (kept whole, split by
+    the axes of `split_name`)."""
+    compute_bytes: int = 4
+    split_name: str = "heads"
+    sequence_model: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    mesh: Mapping[str, int]
+    remat: str
+    microbatches: int = 1
+    pipeline_microbatches: int = 0
+    repeats: int = 1
+    loss_chunks: int = 1
+
+    def describe(self) -> str:
+        parts = [" x ".join(f"{a}={s}" for a, s in self.mesh.items() if s > 1) or "1 device"]
+        parts.append(f"remat={self.remat}")
+        if self.microbatches > 1:
+            parts.append(f"accum={self.microbatches}")
+        if self.mesh.get("pipeline", 1) > 1:
+            parts.append(f"pp_mb={self.pipeline_microbatches} rep={self.repeats}")
+        if self.loss_chunks > 1:
+            parts.append(f"chunks={self.loss_chunks}")
+        return " ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    device: DeviceSpec
+    devices: int
+    hosts: int = 1
+    memory_gb: float | None = None
+    """Per-device budget; default the device's memory x USABLE_MEMORY."""
+
+    @property
+    def budget_gb(self) -> float:
+        return self.memory_gb if self.memory_gb is not None else self.device.hbm_gb * USABLE_MEMORY
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    candidate: Candidate
+    memory_gb: dict[str, float]
+    """Per device: state, batch, grads, activations, logits, gathered, total."""
+    times_s: dict[str, float]
+    """compute, hbm, each collective by axis, latency, bubble (its share of the step), step."""
+    tokens_per_s: float
+    mfu: float
+    dominant: str
+    problems: tuple[str, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+def factorizations(n: int, k: int) -> list[tuple[int, ...]]:
+    """Every ordered k-tuple of positive integers whose product is n."""
+    if k == 1:
+        return [(n,)]
+    return [
+        (d, *rest) for d in range(1, n + 1) if n % d == 0 for rest in factorizations(n // d, k - 1)
+    ]
+
+
+def candidates(
+    workload: Workload,
+    axes: Sequence[str],
+    devices: int,
+    remats: Sequence[str],
+    fixed: Mapping[str, object] = {},
+) -> list[Candidate]:
+    """The search space: meshes over `axes` using all `devices`, x remat x accumulation x
+    pipeline microbatches and repeats x loss chunks. `fixed` pins some of them: mesh axis
+    names, and 'remat', 'microbatches', 'pipeline_microbatches', 'repeats', 'loss_chunks'."""
+    free = [a for a in axes if a not in fixed]
+    pinned = math.prod(int(fixed[a]) for a in axes if a in fixed)
+    meshes = []
+    if devices % pinned == 0:
+        for sizes in factorizations(devices // pinned, len(free)) if free else [()]:
+            given = dict(zip(free, sizes, strict=True))
+            meshes.append({a: int(fixed[a]) if a in fixed else given[a] for a in axes})
+    small = [m for m in (1, 2, 4, 8, 16, 32) if m <= workload.batch]
+    chunks = [c for c in (1, 4, 16) if workload.sequence_model and workload.seq_len % c == 0]
+    options = {
+        "remat": list(remats),
+        "microbatches": small,
+        "loss_chunks": chunks or [1],
+    }
+    for key in options:
+        if key in fixed:
+            options[key] = [fixed[key]]
+    out = []
+    for mesh in meshes:
+        stages = mesh.get("pipeline", 1)
+        pipes = [(0, 1)]
+        if stages > 1:
+            micro = [fixed["pipeline_microbatches"]] if "pipeline_microbatches" in fixed else [
+                stages * k for k in (1, 2, 4)]  # fmt: skip
+            reps = [fixed["repeats"]] if "repeats" in fixed else [1, 2, 4]
+            pipes = list(itertools.product(micro, reps))
+        for remat, accum, chunk in itertools.product(*options.values()):
+            for pmb, rep in pipes:
+                out.append(Candidate(mesh, remat, accum, pmb, rep, chunk))
+    return out
+
+
+def _axes_of(name: str, rules: Rules, sizes: Mapping[str, int]) -> tuple[str, ...]:
+    spec = logical_to_spec((name,), rules)[0] or ()
+    axes = (spec,) if isinstance(spec, str) else tuple(spec)
+    return tuple(a for a in axes if sizes.get(a, 1) > 1)
+
+
+def shard_bytes(leaves: Sequence[Leaf], rules: Rules, sizes: Mapping[str, int]) -> dict:
+    """Per-device bytes of the state: all leaves, the params, and the params split only by
+    axes other than fsdp-like ones (what a layer gathers), summed."""
+    total = params = 0.0
+    for leaf in leaves:
+        spec = logical_to_spec(leaf.names, rules)
+        used: set[str] = set()
+        n = 1
+        for size, axes in zip(leaf.shape, spec, strict=True):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            ways = math.prod(sizes.get(a, 1) for a in axes if a not in used)
+            used.update(axes)
+            n *= -(-size // ways)
+        total += n * leaf.itemsize
+        params += n * leaf.itemsize if leaf.param else 0
+    return {"state": total, "params": params}
+
+
+def crosses_hosts(axis: str, sizes: Mapping[str, int], devices: int, hosts: int) -> bool:
+    """Whether `axis`'s groups span hosts: devices are laid out row-major in mesh order, hosts
+    take consecutive blocks."""
+    order = list(sizes)
+    stride = math.prod(sizes[a] for a in order[order.index(axis) + 1 :])
+    return hosts > 1 and stride * sizes[axis] > devices // hosts
+
+
+def estimate(
+    workload: Workload,
+    c: Candidate,
+    target: Target,
+    rules: Rules,
+    precision: str,
+    cache: dict | None = None,
+) -> Estimate:
+    """Memory per device and step time of one candidate (`cache`: shard sizes per mesh, kept
+    between calls by a search)."""
+    sizes, dev, n = dict(c.mesh), target.device, target.devices
+    stages = sizes.get("pipeline", 1)
+    key = tuple(sizes.items())
+    cache = {} if cache is None else cache
+    if key not in cache:
+        cache[key] = shard_bytes(workload.state(stages), rules, sizes)
+    state = cache[key]
+    batch_ways = math.prod(sizes[a] for a in _axes_of("batch", rules, sizes))
+    split = math.prod(sizes[a] for a in _axes_of(workload.split_name, rules, sizes))
+    vocab_ways = math.prod(sizes[a] for a in _axes_of("vocab", rules, sizes))
+    fsdp = math.prod(sizes[a] for a in _axes_of("embed", rules, sizes))
+    cb, tokens = workload.compute_bytes, workload.batch * workload.seq_len
+    micro_tokens = tokens / (c.microbatches * batch_ways)  # per device, per accumulation step
+    widen = dev.widening if cb < 4 else 1.0
+
+    def per_token(remat: str) -> float:
+        whole, parted = workload.layer_bytes[remat]
+        return (whole + parted / split) * widen
+
+    fit = FIT["none" if c.remat == "none" else "remat"]
+    activations = fit["saved"] * workload.layers * micro_tokens * per_token(c.remat)
+    working = fit["work"] * micro_tokens * per_token("none")  # one layer's backward at a time
+    chunks = c.loss_chunks if workload.sequence_model else 1
+    logits = FIT["logits"] * micro_tokens * workload.vocab / vocab_ways * 4 / chunks
+    grads = FIT["grads"] * state["params"] * (2 if c.microbatches > 1 else 1)
+    layer_params = state["params"] / workload.layers
+    gathered = FIT["gathered"] * layer_params * (fsdp - 1) * cb / 4
+    batch_bytes = tokens / batch_ways * 4 * 3  # inputs, targets, mask
+    memory = {
+        "state": state["state"],
+        "batch": batch_bytes,
+        "grads": grads,
+        "activations": activations + working,
+        "logits": logits,
+        "gathered": gathered,
+    }
+    memory = {k: v / 1e9 for k, v in memory.items()}
+    memory["total"] = sum(memory.values())
+
+    # Time.
+    recompute = 1 + REMAT_RECOMPUTE.get(c.remat, 0.05)
+    flops = workload.flops_per_token * tokens * recompute / n
+    times = {"compute": flops / (dev.flops(precision) * MATMUL_EFFICIENCY)}
+    weights_pass = state["params"] * cb / 4 * fsdp  # a device's weights, gathered, per pass
+    traffic = (
+        3 * weights_pass * c.microbatches
+        + 2 * activations * c.microbatches
+        + 2 * logits * c.microbatches
+        + 7 * state["params"]
+    )
+    times["hbm"] = traffic / (dev.hbm_gbps * 1e9)
+    collectives: dict[str, tuple[float, int]] = {}  # axis -> (bytes per device, count)
+    if fsdp > 1:
+        gathered_bytes = state["params"] * fsdp * (2 * cb / 4 + 1) * (fsdp - 1) / fsdp
+        collectives["fsdp"] = (
+            gathered_bytes * c.microbatches,
+            3 * workload.layers * c.microbatches,
+        )
+    data = sizes.get("data", 1)
+    if data > 1:
+        collectives["data"] = (2 * state["params"] * (data - 1) / data * c.microbatches,
+                               c.microbatches)  # fmt: skip
+    if split > 1:
+        passes = 4 + (2 if c.remat == "full" else 0)
+        size = micro_tokens * workload.width * cb * 2 * (split - 1) / split
+        collectives["tensor"] = (passes * workload.layers / stages * size * c.microbatches,
+                                 passes * workload.layers // stages * c.microbatches)  # fmt: skip
+    bubble = 0.0
+    if stages > 1:
+        pmb = c.pipeline_microbatches or stages
+        iterations = c.repeats * pmb + stages - 1
+        mb_tokens = micro_tokens * stages / pmb
+        permuted = 2 * iterations * mb_tokens * workload.width * cb
+        collectives["pipeline"] = (permuted * c.microbatches, 2 * iterations * c.microbatches)
+        bubble = (stages - 1) / iterations
+    latency = 0.0
+    for axis, (size, count) in collectives.items():
+        across = crosses_hosts(axis, sizes, n, target.hosts)
+        bandwidth = (dev.inter_gbps if across else dev.intra_gbps) * 1e9
+        times[axis] = size / bandwidth
+        latency += count * dev.latency_us * 1e-6
+    # Each accumulation step and loss chunk is one more trip round a loop of small kernels.
+    latency += c.microbatches * chunks * dev.latency_us * 1e-6
+    times["latency"] = latency
+    overlapped = max(
+        [times["compute"], times["hbm"]] + [times[a] for a in collectives if a in OVERLAPPED_AXES]
+    )
+    exposed = latency + sum(times[a] for a in collectives if a not in OVERLAPPED_AXES)
+    step = (overlapped + exposed) / (1 - bubble)
+    times["bubble"] = step * bubble
+    times["step"] = step
+    costs = {k: v for k, v in times.items() if k != "step"}
+    dominant = max(costs, key=costs.get)
+    peak = n * dev.bf16_flops
+    problems = []
+    if memory["total"] > target.budget_gb:
+        problems.append(
+            f"over memory by {memory['total'] - target.budget_gb:.2f} GB "
+            f"({memory['total']:.2f} of {target.budget_gb:.2f} GB per device)"
+        )
+    return Estimate(
+        c,
+        memory,
+        times,
+        tokens / step,
+        workload.flops_per_token * tokens / step / peak,
+        dominant,
+        tuple(problems),
+    )
+
+
+def search(
+    workload: Workload,
+    target: Target,
+    rules: Rules,
+    precision: str,
+    axes: Sequence[str],
+    remats: Sequence[str],
+    feasible: Callable[[Candidate], list[str]],
+    fixed: Mapping[str, object] = {},
+) -> tuple[list[Estimate], list[Estimate]]:
+    """(plans that fit, fastest first; rejected plans, nearest to fitting first). A rejected
+    plan's `problems` say why: training's own errors (`feasible`), or the memory it lacks."""
+    fits, rejected, cache = [], [], {}
+    for c in candidates(workload, axes, target.devices, remats, fixed):
+        reasons = feasible(c)
+        if reasons:  # not priced: its shapes may not even exist (layers that do not split)
+            rejected.append(Estimate(c, {"total": math.inf}, {"step": math.inf}, 0.0, 0.0, "",
+                                     tuple(reasons)))  # fmt: skip
+            continue
+        e = estimate(workload, c, target, rules, precision, cache)
+        if e.fits:
+            fits.append(e)
+        else:
+            rejected.append(e)
+    # Equal times (a collective-bound step hides remat's recomputation): more headroom first.
+    fits.sort(key=lambda e: (round(e.times_s["step"], 6), e.memory_gb["total"]))
+    rejected.sort(key=lambda e: (bool(failed_checks(e)), e.memory_gb["total"]))
+    return fits, rejected
+
+
+def failed_checks(e: Estimate) -> bool:
+    """Whether a rejected plan failed training's checks (rather than only memory)."""
+    return any(not p.startswith("over memory") for p in e.problems)
