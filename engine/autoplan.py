@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from engine.config import Config, ConfigError
@@ -288,8 +289,28 @@ def auto_plan(
     fits, rejected = plan_search(cfg, target, fixed, devices[0].platform)
     if not fits:
         raise no_plan_error(cfg, target, rejected, fixed)
-    plan, chosen = fits[0]
+    plan, chosen = _agreed(fits, base)
     return apply_plan(cfg, plan), plan, chosen
+
+
+def _agreed(fits, base: Plan) -> tuple[Plan, Estimate]:
+    """Process 0's choice on every process: a measured cpu row may differ between them."""
+    plan, chosen = fits[0]
+    if jax.process_count() == 1:
+        return plan, chosen
+    from jax.experimental import multihost_utils
+
+    c = chosen.candidate
+    code = [*c.mesh.values(), REMATS.index(c.remat), c.microbatches, c.pipeline_microbatches,
+            c.repeats, c.loss_chunks]  # fmt: skip
+    code = [int(v) for v in multihost_utils.broadcast_one_to_all(np.asarray(code, np.int32))]
+    mesh = dict(zip(c.mesh, code[: len(c.mesh)], strict=True))
+    remat, accum, pmb, repeats, chunks = code[len(c.mesh) :]
+    agreed = Candidate(mesh, REMATS[remat], accum, pmb, repeats, chunks)
+    for plan, est in fits:
+        if est.candidate == agreed:
+            return plan, est
+    return to_plan(agreed, base), dataclasses.replace(chosen, candidate=agreed)
 
 
 def describe_choice(e: Estimate) -> str:

@@ -5,6 +5,8 @@ microbatches, the attention kernel, loss chunks and precision. `Plan.from_config
 from the command-line keys (`--mesh.*`, `--rules`, `--model.remat`, ...); the planner produces
 them; `engine.trainer.setup` takes one. `violations` lists every reason a model + plan + device
 count cannot train, without compiling or opening data.
+
+`python -m engine.plan` runs the planner (engine.autoplan, engine.plan_main).
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ class DeviceSpec:
     """Collective bandwidth to devices of other hosts, GB/s one way per device."""
     latency_us: float = 10.0
     """Fixed cost of one collective (launch and synchronization)."""
+    op_us: float = 4.0
+    """Fixed cost of one kernel (launch and dispatch), whatever its size."""
+    matmul_efficiency: float = 0.7
+    """Share of the peak that a step's matmuls reach (large bf16 matmuls on GPUs/TPUs)."""
     widening: float = 1.0
     """Growth of 16-bit activations in XLA's plan here: its CPU backend keeps part of them in
     fp32 (1.4, fitted to memory_analysis() of bf16 steps)."""
@@ -77,6 +81,7 @@ DEVICES: dict[str, DeviceSpec] = {
             1640,
             448,
             25,
+            op_us=2.0,
             matches=("tpu v6",),
             source="Google Cloud TPU v6e docs (ICI 3584 Gbps/chip)",
         ),
@@ -88,6 +93,7 @@ DEVICES: dict[str, DeviceSpec] = {
             2765,
             600,
             25,
+            op_us=2.0,
             matches=("tpu v5p",),
             source="Google Cloud TPU v5p docs (ICI 4800 Gbps/chip)",
         ),
@@ -110,12 +116,14 @@ DEVICES: dict[str, DeviceSpec] = {
             1228,
             300,
             25,
+            op_us=2.0,
             matches=("tpu v4",),
             source="Google Cloud TPU v4 docs (ICI 2400 Gbps/chip)",
         ),
     )  # fmt: skip
 }
 KINDS = (*DEVICES, "cpu")
+CPU_WIDENING = 1.4
 
 
 def device_kind(device_kind: str) -> str | None:
@@ -128,17 +136,12 @@ def device_kind(device_kind: str) -> str | None:
 
 
 def measure_cpu(devices: int, memory_gb: float | None = None) -> DeviceSpec:
-    """A `cpu` row measured here: matmul FLOP/s and copy bandwidth of this host, shared by
-    `devices` virtual devices (XLA's CPU devices all run on the same cores)."""
+    """A `cpu` row measured here, with `devices` virtual devices sharing this host's cores:
+    XLA's matmul FLOP/s per device while all of them compute, copy bandwidth, and the time of
+    one small all-reduce over them and of one small kernel on all of them."""
     import numpy as np
 
-    a = np.ones((512, 512), np.float32)
-    a @ a
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.2:
-        a @ a
-        n += 1
-    flops = 2 * 512**3 * n / (time.perf_counter() - start)
+    flops = _xla_matmul_flops(devices)
     big = np.ones(16 * 2**20 // 4, np.float32)
     out = np.empty_like(big)
     start, n = time.perf_counter(), 0
@@ -151,13 +154,86 @@ def measure_cpu(devices: int, memory_gb: float | None = None) -> DeviceSpec:
     share = max(devices, 1)
     return DeviceSpec(
         "cpu",
-        bf16_flops=flops / share,  # XLA's CPU backend computes bf16 no faster than fp32
-        fp32_flops=flops / share,
+        bf16_flops=flops,  # XLA's CPU backend computes bf16 no faster than fp32
+        fp32_flops=flops,
+        matmul_efficiency=1.0,  # measured as XLA runs them
         hbm_gb=memory_gb / share,
         hbm_gbps=copy_gbps / share,
         intra_gbps=copy_gbps / share,  # collectives between virtual devices are copies
         inter_gbps=copy_gbps / share,
-        latency_us=50.0,
-        widening=1.4,
+        latency_us=_collective_latency_us(devices),
+        op_us=_op_us(devices),
+        widening=CPU_WIDENING,
         source=f"measured on this host at start-up, shared by {share} devices",
     )
+
+
+def _collective_latency_us(devices: int) -> float:
+    """Microseconds per jitted all-reduce of a few numbers over up to `devices` CPU devices."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    cpus = jax.devices("cpu")[:devices]
+    if len(cpus) < 2:
+        return 10.0
+    mesh = jax.make_mesh((len(cpus),), ("x",), devices=cpus)
+    x = jax.device_put(jax.numpy.ones((len(cpus), 8)), NamedSharding(mesh, P("x")))
+    reduce = jax.jit(lambda x: x.sum(0), out_shardings=NamedSharding(mesh, P()))
+    reduce(x).block_until_ready()
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.1:
+        reduce(x).block_until_ready()
+        n += 1
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def _op_us(devices: int) -> float:
+    """Microseconds per small kernel run on up to `devices` CPU devices at once: a chain of
+    tiny matmuls (which XLA does not fuse), divided by its length."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    cpus = jax.devices("cpu")[:devices]
+    mesh = jax.make_mesh((len(cpus),), ("x",), devices=cpus)
+    x = jax.device_put(jax.numpy.ones((len(cpus) * 8, 8)), NamedSharding(mesh, P("x")))
+    w = jax.numpy.full((8, 8), 0.1)
+    length = 64
+
+    def chain(x):
+        for _ in range(length):
+            x = jax.numpy.tanh(x @ w)
+        return x
+
+    run = jax.jit(chain)
+    run(x).block_until_ready()
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.2:
+        run(x).block_until_ready()
+        n += 1
+    return (time.perf_counter() - start) / n / length * 1e6
+
+
+def _xla_matmul_flops(devices: int) -> float:
+    """FLOP/s per device of 256-wide matmuls compiled by XLA, all devices busy at once."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    cpus = jax.devices("cpu")[:devices]
+    mesh = jax.make_mesh((len(cpus),), ("x",), devices=cpus)
+    x = jax.device_put(jax.numpy.ones((len(cpus) * 256, 256)), NamedSharding(mesh, P("x")))
+    w = jax.numpy.full((256, 256), 1e-3)
+    length = 8
+
+    def chain(x):
+        for _ in range(length):
+            x = x @ w
+        return x
+
+    run = jax.jit(chain)
+    run(x).block_until_ready()
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.3:
+        run(x).block_until_ready()
+        n += 1
+    per_device = 2 * 256**3 * length * n / (time.perf_counter() - start)
+    return per_device * len(cpus) / max(devices, 1)

@@ -9,11 +9,13 @@ Memory per device = the train state's shards (exact, from shard shapes) + the ba
 coefficients were fitted to XLA's `memory_analysis()` (benchmarks/plan.py checks them).
 
 Step time is a roofline (assumptions, all in this file):
-- compute = FLOPs (with remat's recomputation) / (devices x peak x MATMUL_EFFICIENCY);
+- compute = FLOPs (with remat's recomputation) / (devices x peak x the device's matmul
+  efficiency, 0.7 on GPUs and TPUs);
 - HBM = weight, activation and optimizer-state traffic / HBM bandwidth;
 - collectives = bytes on the wire / link bandwidth (ring algorithms, (n-1)/n of the data), over
-  the host's links when the axis stays inside a host and the network when it spans hosts, plus
-  a fixed latency per collective;
+  the host's links when the axis stays inside a host and the network when it spans hosts;
+- fixed costs: a latency per collective and per kernel (KERNELS_PER_LAYER per layer pass), so
+  accumulation steps, loss chunks and pipeline iterations are not free;
 - FSDP gathers and gradient reductions overlap with compute (XLA's latency-hiding scheduler);
   tensor-parallel all-reduces and pipeline permutes sit between dependent matmuls and do not;
 - step = (max(compute, HBM, overlapped collectives) + exposed collectives) / (1 - bubble).
@@ -29,23 +31,34 @@ from collections.abc import Callable, Mapping, Sequence
 from sharding.devices import DeviceSpec
 from sharding.rules import Rules, logical_to_spec
 
-MATMUL_EFFICIENCY = 0.7  # share of peak FLOP/s that large matmuls reach
 REMAT_RECOMPUTE = {"none": 0.0, "dots": 0.05, "dots_no_batch": 0.15, "full": 1 / 3}
 """Extra share of the layers' training FLOPs spent recomputing (full: one more forward of 6)."""
 OVERLAPPED_AXES = ("data", "fsdp")  # their collectives hide behind compute
+KERNELS_PER_LAYER = 100  # a decoder layer's forward and backward kernels after XLA's fusion
+KERNELS_OUTSIDE = 50  # embedding, logits and loss, per loss chunk
 USABLE_MEMORY = 0.9  # of a device's memory, the rest for the runtime and fragmentation
 
-# Temporaries beyond the state, as multiples of what each term names, fitted (least squares
-# over 28 compiled configs: presets x meshes x remat x precision) to XLA's memory_analysis();
-# benchmarks/plan.py re-checks them. `saved`: per layer, what autodiff keeps (XLA fuses some
-# away); `work`: one layer's backward pass at a time; `logits`: one fp32 copy of this device's
-# logits; `grads`: the parameters' fp32 shards; `gathered`: one layer's weights gathered by FSDP.
+# Temporaries beyond the state, as multiples of the terms `estimate` names, fitted by least
+# squares to XLA's memory_analysis() over presets x meshes x remat x precision, on rows without
+# a pipeline (`python benchmarks/plan.py --part fit` refits them and prints this table).
+# saved_*: what autodiff keeps per layer, by remat group (none; dots, dots_no_batch, save:;
+# full); work_*: one layer's backward at a time; stage_inputs (counted, not fitted): what a
+# pipeline stage keeps; logits: one fp32 copy; grads: fp32 gradient shards; compute_copy: the
+# 16-bit copy of the params; gathered / tables: one layer's weights and the vocabulary tables
+# gathered by FSDP (XLA's plan shows no separate room for a gathered layer: 0).
 FIT = {
-    "none": {"saved": 0.81, "work": 0.77},
-    "remat": {"saved": 0.78, "work": 0.97},
-    "logits": 0.73,
-    "grads": 1.18,
-    "gathered": 0.85,
+    "saved_none": 0.95,
+    "saved_dots": 1.21,
+    "saved_full": 1.49,
+    "work_none": 0.52,
+    "work_dots": 0.66,
+    "work_full": 0.87,
+    "stage_inputs": 1.00,
+    "logits": 2.06,
+    "grads": 0.82,
+    "compute_copy": 0.98,
+    "gathered": 0.00,
+    "tables": 1.58,
 }
 
 
@@ -127,6 +140,8 @@ class Estimate:
     mfu: float
     dominant: str
     problems: tuple[str, ...] = ()
+    memory_terms: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The memory model's terms before their fitted coefficients (GB): what FIT multiplies."""
 
     @property
     def fits(self) -> bool:
@@ -191,9 +206,9 @@ def _axes_of(name: str, rules: Rules, sizes: Mapping[str, int]) -> tuple[str, ..
 
 
 def shard_bytes(leaves: Sequence[Leaf], rules: Rules, sizes: Mapping[str, int]) -> dict:
-    """Per-device bytes of the state: all leaves, the params, and the params split only by
-    axes other than fsdp-like ones (what a layer gathers), summed."""
-    total = params = 0.0
+    """Per-device bytes of the state's shards: all of it, the params, and of those the
+    stacked layers' (named `layers`) and the vocabulary tables (named `vocab`)."""
+    out = dict.fromkeys(("state", "params", "layers", "tables"), 0.0)
     for leaf in leaves:
         spec = logical_to_spec(leaf.names, rules)
         used: set[str] = set()
@@ -203,9 +218,13 @@ def shard_bytes(leaves: Sequence[Leaf], rules: Rules, sizes: Mapping[str, int]) 
             ways = math.prod(sizes.get(a, 1) for a in axes if a not in used)
             used.update(axes)
             n *= -(-size // ways)
-        total += n * leaf.itemsize
-        params += n * leaf.itemsize if leaf.param else 0
-    return {"state": total, "params": params}
+        n *= leaf.itemsize
+        out["state"] += n
+        if leaf.param:
+            out["params"] += n
+            out["layers"] += n if "layers" in leaf.names else 0
+            out["tables"] += n if "vocab" in leaf.names else 0
+    return out
 
 
 def crosses_hosts(axis: str, sizes: Mapping[str, int], devices: int, hosts: int) -> bool:
@@ -245,30 +264,50 @@ def estimate(
         whole, parted = workload.layer_bytes[remat]
         return (whole + parted / split) * widen
 
-    fit = FIT["none" if c.remat == "none" else "remat"]
-    activations = fit["saved"] * workload.layers * micro_tokens * per_token(c.remat)
-    working = fit["work"] * micro_tokens * per_token("none")  # one layer's backward at a time
+    terms = dict.fromkeys(FIT, 0.0)
+    group = c.remat if c.remat in ("none", "full") else "dots"  # dots, dots_no_batch, save:
+    if stages == 1:
+        terms[f"saved_{group}"] = workload.layers * micro_tokens * per_token(c.remat)
+        terms[f"work_{group}"] = micro_tokens * per_token("none")  # one layer's backward
+    else:
+        # The pipeline rematerializes each stage iteration whatever the remat policy: it keeps
+        # every iteration's input, plus one chunk of layers' for one microbatch in backward.
+        pmb = c.pipeline_microbatches or stages
+        mb_tokens = micro_tokens * stages / pmb
+        iterations = c.repeats * pmb + stages - 1
+        chunk = workload.layers // (stages * c.repeats)
+        terms["stage_inputs"] = (
+            iterations * mb_tokens * workload.width * cb * widen
+            + micro_tokens * stages * workload.width * 4  # all microbatches, gathered
+        )
+        terms[f"saved_{group}"] = chunk * mb_tokens * per_token(c.remat)
+        terms[f"work_{group}"] = mb_tokens * per_token("none")
     chunks = c.loss_chunks if workload.sequence_model else 1
-    logits = FIT["logits"] * micro_tokens * workload.vocab / vocab_ways * 4 / chunks
-    grads = FIT["grads"] * state["params"] * (2 if c.microbatches > 1 else 1)
-    layer_params = state["params"] / workload.layers
-    gathered = FIT["gathered"] * layer_params * (fsdp - 1) * cb / 4
-    batch_bytes = tokens / batch_ways * 4 * 3  # inputs, targets, mask
+    terms["logits"] = micro_tokens * workload.vocab / vocab_ways * 4 / chunks
+    terms["grads"] = state["params"] * (2 if c.microbatches > 1 else 1)
+    local_layers = max(workload.layers // stages, 1)
+    terms["gathered"] = state["layers"] / local_layers * (fsdp - 1) * cb / 4
+    terms["tables"] = state["tables"] * (fsdp - 1) * cb / 4
+    terms["compute_copy"] = state["params"] * cb / 4 if cb < 4 else 0.0
+    activations = sum(FIT[k] * v for k, v in terms.items() if k.startswith(("saved", "work",
+                                                                             "stage")))  # fmt: skip
+    logits = FIT["logits"] * terms["logits"]
     memory = {
         "state": state["state"],
-        "batch": batch_bytes,
-        "grads": grads,
-        "activations": activations + working,
+        "batch": tokens / batch_ways * 4 * 3,  # inputs, targets, mask
+        "grads": FIT["grads"] * terms["grads"] + FIT["compute_copy"] * terms["compute_copy"],
+        "activations": activations,
         "logits": logits,
-        "gathered": gathered,
+        "gathered": FIT["gathered"] * terms["gathered"] + FIT["tables"] * terms["tables"],
     }
     memory = {k: v / 1e9 for k, v in memory.items()}
     memory["total"] = sum(memory.values())
+    memory_terms = {k: v / 1e9 for k, v in terms.items()}
 
     # Time.
     recompute = 1 + REMAT_RECOMPUTE.get(c.remat, 0.05)
     flops = workload.flops_per_token * tokens * recompute / n
-    times = {"compute": flops / (dev.flops(precision) * MATMUL_EFFICIENCY)}
+    times = {"compute": flops / (dev.flops(precision) * dev.matmul_efficiency)}
     weights_pass = state["params"] * cb / 4 * fsdp  # a device's weights, gathered, per pass
     traffic = (
         3 * weights_pass * c.microbatches
@@ -307,8 +346,14 @@ def estimate(
         bandwidth = (dev.inter_gbps if across else dev.intra_gbps) * 1e9
         times[axis] = size / bandwidth
         latency += count * dev.latency_us * 1e-6
-    # Each accumulation step and loss chunk is one more trip round a loop of small kernels.
-    latency += c.microbatches * chunks * dev.latency_us * 1e-6
+    # Fixed costs: every collective, and every kernel of every pass (forward, backward and
+    # remat's recomputation) of every accumulation step, loss chunk and pipeline iteration.
+    if stages == 1:
+        layer_runs = workload.layers * (1 + (c.remat == "full") / 3)
+    else:
+        layer_runs = iterations * chunk * 4 / 3  # the pipeline rematerializes every stage
+    kernels = KERNELS_PER_LAYER * layer_runs + KERNELS_OUTSIDE * chunks
+    latency += c.microbatches * kernels * dev.op_us * 1e-6
     times["latency"] = latency
     overlapped = max(
         [times["compute"], times["hbm"]] + [times[a] for a in collectives if a in OVERLAPPED_AXES]
@@ -334,6 +379,7 @@ def estimate(
         workload.flops_per_token * tokens / step / peak,
         dominant,
         tuple(problems),
+        memory_terms,
     )
 
 

@@ -52,13 +52,13 @@ def cli_env(devices: int = 8) -> dict[str, str]:
     return env
 
 
-def cli(*args, devices=8, background=False):
-    """`python -m engine.train ARGS` as a user runs it, with `devices` virtual CPU devices:
-    the finished process, or with `background` the running one."""
+def cli(*args, devices=8, background=False, module="engine.train"):
+    """`python -m MODULE ARGS` as a user runs it, with `devices` virtual CPU devices: the
+    finished process, or with `background` the running one."""
     env = cli_env(devices)
-    if not any(a.startswith("--compile_cache") for a in args):
+    if module == "engine.train" and not any(a.startswith("--compile_cache") for a in args):
         args = (*args, f"--compile_cache={CLI_COMPILATION_CACHE}")  # not the user's home cache
-    command = [sys.executable, "-m", "engine.train", *args]
+    command = [sys.executable, "-m", module, *args]
     if background:
         pipe = subprocess.PIPE
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)

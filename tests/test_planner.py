@@ -1,0 +1,137 @@
+"""The planner: what it prints trains, its memory figures match XLA's, a tight budget moves it to a
+sharded plan, --mesh.auto keeps what the user fixed, and bad input gets one sentence."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import cli, tiny_config
+
+from engine.autoplan import auto_plan, plan_search, target_for, workload
+from engine.config import PRESETS, ConfigError, explicit_keys, parse_args
+from engine.estimate import compile_abstract, memory
+from engine.plan import Plan, apply_plan, violations
+from engine.trainer import train
+from sharding.planner import Candidate, estimate, factorizations
+
+CPU8 = None
+
+
+def cpu8():
+    global CPU8
+    CPU8 = CPU8 or target_for("cpu", 8)
+    return CPU8
+
+
+@pytest.fixture(scope="module")
+def tiny_plans():
+    return plan_search(PRESETS["tiny"], cpu8(), platform="cpu")
+
+
+def test_factorizations_cover_every_mesh():
+    assert sorted(factorizations(8, 2)) == [(1, 8), (2, 4), (4, 2), (8, 1)]
+    assert len(factorizations(64, 4)) == 84  # C(6 + 3, 3): 2^6 over 4 axes
+
+
+def test_every_plan_passes_training_validation_and_its_flags_parse_back(tiny_plans):
+    fits, rejected = tiny_plans
+    assert fits and rejected
+    cfg = PRESETS["tiny"]
+    for plan, _ in fits:
+        assert violations(apply_plan(cfg, plan), plan, 8, "cpu") == [], plan
+    for plan, _ in fits[:10]:  # what the table prints: its flags give the same plan
+        again = parse_args(["--config", "tiny", *plan.flags()])
+        assert Plan.from_config(again) == plan
+    # A rejected plan says why, in training's own words or as the memory it lacks.
+    reasons = {r for _, e in rejected for r in e.problems}
+    assert any("do not split into --mesh.pipeline" in r for r in reasons)
+
+
+def test_first_choice_trains_on_8_cpu_devices(tmp_path, tiny_plans):
+    plan, est = tiny_plans[0][0]
+    cfg = apply_plan(tiny_config(tmp_path, steps=3), plan)
+    records = train(cfg, plan=plan)
+    assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+
+
+@pytest.mark.parametrize(
+    "preset, mesh, remat, precision",
+    [
+        ("tiny", {"data": 8}, "none", "fp32"),
+        ("tiny", {"fsdp": 4, "tensor": 2}, "full", "fp32"),
+        ("default", {"data": 2, "fsdp": 4}, "dots_no_batch", "fp32"),
+        ("default", {"fsdp": 8}, "none", "bf16"),
+    ],
+)
+def test_memory_prediction_within_10_percent_of_xla(preset, mesh, remat, precision):
+    cfg = dataclasses.replace(PRESETS[preset], precision=precision)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat))
+    plan = Plan.from_config(cfg, mesh=mesh)
+    cfg = apply_plan(cfg, plan)
+    xla = memory(compile_abstract(cfg, plan)).total_gb
+    c = Candidate({a.name: mesh.get(a.name, 1) for a in plan.axes}, remat)
+    predicted = estimate(workload(cfg, plan), c, cpu8(), plan.rules, precision).memory_gb
+    assert abs(predicted["total"] / xla - 1) < 0.10, (predicted, xla)
+
+
+def test_a_budget_data8_cannot_meet_moves_the_planner_to_a_sharded_plan_that_runs(tmp_path):
+    cfg = tiny_config(tmp_path, steps=2)
+    fits, _ = plan_search(cfg, cpu8(), platform="cpu")
+    replicated = min(e.memory_gb["total"] for p, e in fits if p.mesh["data"] == 8)
+    budget = replicated * 0.9
+    tight = dataclasses.replace(cpu8(), memory_gb=budget)
+    fits, rejected = plan_search(cfg, tight, platform="cpu")
+    plan, est = fits[0]
+    assert plan.mesh["data"] < 8 and est.memory_gb["total"] <= budget
+    assert any(e.candidate.mesh["data"] == 8 and e.problems[0].startswith("over memory")
+               for _, e in rejected)  # fmt: skip
+    run_cfg = apply_plan(cfg, plan)
+    assert memory(compile_abstract(run_cfg, plan)).total_gb < budget * 1.1
+    assert len(train(run_cfg, plan=plan)) == 2
+
+
+def test_mesh_auto_keeps_what_the_user_fixed(tmp_path):
+    argv = ["--config", "tiny", "--mesh.auto", "--mesh.tensor=2", "--model.remat=full"]
+    assert {"mesh.auto", "mesh.tensor", "model.remat"} <= explicit_keys(argv)
+    assert "mesh.data" not in explicit_keys(argv)  # the preset's value is not a choice
+    cfg, plan, _ = auto_plan(parse_args(argv), jax.devices(), explicit_keys(argv))
+    assert plan.mesh["tensor"] == 2 and plan.remat == "full" and cfg.model.remat == "full"
+
+    run_dir = tmp_path / "run"
+    result = cli(*argv, "--steps=2", f"--run_dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert "--mesh.auto chose" in result.stdout and "tensor=2" in result.stdout
+    recorded = json.loads((run_dir / "config.json").read_text())
+    assert recorded["mesh"]["tensor"] == 2 and recorded["model"]["remat"] == "full"
+    assert np.prod([v for k, v in recorded["mesh"].items() if k != "auto"]) == 8
+
+
+def test_fixed_keys_that_leave_no_plan_are_one_sentence():
+    argv = ["--config", "tiny", "--mesh.auto", "--mesh.tensor=3"]
+    with pytest.raises(ConfigError, match="with tensor=3 fixed"):
+        auto_plan(parse_args(argv), jax.devices(), explicit_keys(argv))
+    with pytest.raises(ConfigError, match="No plan over 7 devices passes training's checks"):
+        cfg = PRESETS["tiny"]
+        fits, rejected = plan_search(cfg, target_for("h100", 7))
+        from engine.autoplan import no_plan_error
+
+        assert not fits
+        raise no_plan_error(cfg, target_for("h100", 7), rejected, {})
+
+
+def test_plan_command_line_and_its_errors():
+    run = ["--config", "tiny", "--target.devices", "8"]
+    out = cli(*run, "--target.kind", "cpu", "--confirm", "1", "--json", module="engine.plan")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["plans"][0]["rank"] == 1 and report["confirmed"][0]["xla_gb"] > 0
+    assert abs(report["confirmed"][0]["error"]) < 0.10
+
+    bad = cli(*run, "--target.kind", "h900", module="engine.plan")
+    assert bad.returncode == 2 and "--target.kind=h900 is not in the device table" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    small = cli(*run, "--target.kind", "h100", "--target.memory_gb", "1e-6", module="engine.plan")
+    assert small.returncode == 2 and "No plan fits" in small.stderr
+    assert "--model.remat=full" in small.stderr and "Traceback" not in small.stderr
