@@ -168,72 +168,66 @@ def measure_cpu(devices: int, memory_gb: float | None = None) -> DeviceSpec:
     )
 
 
+def _timed(fn, x, budget_s: float) -> float:
+    """Seconds per call of `fn(x)`, compiled first, over about `budget_s`."""
+    fn(x).block_until_ready()
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < budget_s:
+        fn(x).block_until_ready()
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+def _rows(devices: int, rows: int, cols: int):
+    """(the CPU devices used, a [devices * rows, cols] array split over them by rows, the
+    mesh)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    cpus = jax.devices("cpu")[:devices]
+    mesh = jax.make_mesh((len(cpus),), ("x",), devices=cpus)
+    x = jax.device_put(jax.numpy.ones((len(cpus) * rows, cols)), NamedSharding(mesh, P("x")))
+    return cpus, x, mesh
+
+
 def _collective_latency_us(devices: int) -> float:
     """Microseconds per jitted all-reduce of a few numbers over up to `devices` CPU devices."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    cpus = jax.devices("cpu")[:devices]
+    cpus, x, mesh = _rows(devices, 1, 8)
     if len(cpus) < 2:
         return 10.0
-    mesh = jax.make_mesh((len(cpus),), ("x",), devices=cpus)
-    x = jax.device_put(jax.numpy.ones((len(cpus), 8)), NamedSharding(mesh, P("x")))
     reduce = jax.jit(lambda x: x.sum(0), out_shardings=NamedSharding(mesh, P()))
-    reduce(x).block_until_ready()
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.1:
-        reduce(x).block_until_ready()
-        n += 1
-    return (time.perf_counter() - start) / n * 1e6
+    return _timed(reduce, x, 0.1) * 1e6
+
+
+def _chain(w, length: int, activation=None):
+    def chain(x):
+        for _ in range(length):
+            x = x @ w if activation is None else activation(x @ w)
+        return x
+
+    import jax
+
+    return jax.jit(chain)
 
 
 def _op_us(devices: int) -> float:
     """Microseconds per small kernel run on up to `devices` CPU devices at once: a chain of
     tiny matmuls (which XLA does not fuse), divided by its length."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    cpus = jax.devices("cpu")[:devices]
-    mesh = jax.make_mesh((len(cpus),), ("x",), devices=cpus)
-    x = jax.device_put(jax.numpy.ones((len(cpus) * 8, 8)), NamedSharding(mesh, P("x")))
-    w = jax.numpy.full((8, 8), 0.1)
-    length = 64
-
-    def chain(x):
-        for _ in range(length):
-            x = jax.numpy.tanh(x @ w)
-        return x
-
-    run = jax.jit(chain)
-    run(x).block_until_ready()
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.2:
-        run(x).block_until_ready()
-        n += 1
-    return (time.perf_counter() - start) / n / length * 1e6
+    _, x, _ = _rows(devices, 8, 8)
+    run = _chain(jax.numpy.full((8, 8), 0.1), 64, jax.numpy.tanh)
+    return _timed(run, x, 0.2) / 64 * 1e6
 
 
 def _xla_matmul_flops(devices: int) -> float:
     """FLOP/s per device of 256-wide matmuls compiled by XLA, all devices busy at once."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    cpus = jax.devices("cpu")[:devices]
-    mesh = jax.make_mesh((len(cpus),), ("x",), devices=cpus)
-    x = jax.device_put(jax.numpy.ones((len(cpus) * 256, 256)), NamedSharding(mesh, P("x")))
-    w = jax.numpy.full((256, 256), 1e-3)
-    length = 8
-
-    def chain(x):
-        for _ in range(length):
-            x = x @ w
-        return x
-
-    run = jax.jit(chain)
-    run(x).block_until_ready()
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.3:
-        run(x).block_until_ready()
-        n += 1
-    per_device = 2 * 256**3 * length * n / (time.perf_counter() - start)
+    cpus, x, _ = _rows(devices, 256, 256)
+    run = _chain(jax.numpy.full((256, 256), 1e-3), 8)
+    per_device = 2 * 256**3 * 8 / _timed(run, x, 0.3)
     return per_device * len(cpus) / max(devices, 1)
