@@ -134,7 +134,7 @@ def _confirm(cfg, top, target) -> list[dict]:
     import jax
 
     from engine.autoplan import workload as make_workload
-    from sharding.devices import CPU_WIDENING
+    from sharding.devices import cpu_widening
     from sharding.planner import estimate
 
     devices = target.devices
@@ -152,7 +152,7 @@ def _confirm(cfg, top, target) -> list[dict]:
         xla = memory(run).total_gb
         # XLA's CPU plan keeps part of the 16-bit activations in fp32: compare like with like.
         as_cpu = dataclasses.replace(target, device=dataclasses.replace(
-            target.device, widening=CPU_WIDENING))  # fmt: skip
+            target.device, widening=cpu_widening()))  # fmt: skip
         on_cpu = estimate(workload, est.candidate, as_cpu, plan.rules, plan.precision)
         predicted = on_cpu.memory_gb["total"]
         out.append({"rank": rank, "predicted_gb": est.memory_gb["total"],

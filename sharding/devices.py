@@ -34,8 +34,7 @@ class DeviceSpec:
     matmul_efficiency: float = 0.7
     """Share of the peak that a step's matmuls reach (large bf16 matmuls on GPUs/TPUs)."""
     widening: float = 1.0
-    """Growth of 16-bit activations in XLA's plan here: its CPU backend keeps part of them in
-    fp32 (1.4, fitted to memory_analysis() of bf16 steps)."""
+    """Growth of 16-bit activations in XLA's plan here (see `cpu_widening`)."""
     matches: tuple[str, ...] = ()
     """Substrings of `jax.Device.device_kind` (lower case) that are this kind."""
     source: str = ""
@@ -123,7 +122,16 @@ DEVICES: dict[str, DeviceSpec] = {
     )  # fmt: skip
 }
 KINDS = (*DEVICES, "cpu")
-CPU_WIDENING = 1.4
+
+
+def cpu_widening() -> float:
+    """How much bigger 16-bit activations are in XLA's CPU plan: jax 0.10's CPU backend keeps
+    part of them in fp32 (1.4, fitted to memory_analysis()); from jax 0.11 it keeps them in
+    16 bits."""
+    import jax
+
+    major, minor = (int(p) for p in jax.__version__.split(".")[:2])
+    return 1.4 if (major, minor) < (0, 11) else 1.0
 
 
 def device_kind(device_kind: str) -> str | None:
@@ -163,7 +171,7 @@ def measure_cpu(devices: int, memory_gb: float | None = None) -> DeviceSpec:
         inter_gbps=copy_gbps / share,
         latency_us=_collective_latency_us(devices),
         op_us=_op_us(devices),
-        widening=CPU_WIDENING,
+        widening=cpu_widening(),
         source=f"measured on this host at start-up, shared by {share} devices",
     )
 
