@@ -272,16 +272,12 @@ def auto_plan(
     for axis, size in base.mesh.items():
         if f"mesh.{axis}" in fixed_keys:
             fixed[axis] = size
-    values = {
-        "model.remat": cfg.model.remat,
-        "optim.microbatches": cfg.optim.microbatches,
-        "pipeline.microbatches": cfg.pipeline.microbatches,
-        "pipeline.repeats": cfg.pipeline.repeats,
-        "model.loss_chunks": cfg.model.loss_chunks,
-    }
+    values = {"remat": base.remat, "microbatches": base.microbatches,
+              "pipeline_microbatches": base.pipeline.microbatches,
+              "repeats": base.pipeline.repeats, "loss_chunks": base.loss_chunks}  # fmt: skip
     for key, name in PLAN_KEYS.items():
         if key in fixed_keys:
-            fixed[name] = values[key]
+            fixed[name] = values[name]
     if any(v == -1 for v in fixed.values()):
         raise ConfigError(
             "--mesh.auto fills the mesh itself; give fixed axes explicit sizes, not -1."

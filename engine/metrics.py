@@ -8,30 +8,15 @@ from pathlib import Path
 
 import jax
 
-# Dense bf16 peak FLOP/s per device from the vendors' datasheets (no sparsity).
-PEAK_BF16_FLOPS = {
-    "h200": 989e12,
-    "h100": 989e12,  # SXM; the PCIe card is 756e12 (override with --peak_flops)
-    "a100": 312e12,
-    "l4": 121e12,
-    "tpu v6": 918e12,
-    "tpu v5p": 459e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v4": 275e12,
-}
+from sharding.devices import DEVICES, device_kind
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
-    """Datasheet bf16 peak of `device` (default: the first), or None when unknown (e.g. CPU)."""
+    """Datasheet bf16 peak of `device` (default: the first) from the device table
+    (sharding.devices), or None when it has no row (e.g. CPU)."""
     device = device or jax.devices()[0]
-    if device.platform == "cpu":
-        return None
-    kind = device.device_kind.lower()
-    for name, flops in PEAK_BF16_FLOPS.items():
-        if name in kind:
-            return flops
-    return None
+    kind = None if device.platform == "cpu" else device_kind(device.device_kind)
+    return DEVICES[kind].bf16_flops if kind else None
 
 
 def peak_memory_gb(devices) -> float | None:

@@ -31,12 +31,12 @@ from sharding import (
     Rules,
     ShardingError,
     divisibility_errors,
-    logical_to_spec,
     mesh_sizes,
     override_rules,
 )
 from sharding.mesh import resolve, with_device_hint
 from sharding.pipeline import AXIS as PIPELINE_AXIS, check_pipeline
+from sharding.rules import splitting_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +208,7 @@ def _batch_errors(cfg: Config, plan: Plan, sizes: Mapping[str, int], stages: int
     """The global batch must split into accumulation steps, those into pipeline microbatches,
     and each of those over the devices that split the batch inside a stage."""
     names = ("stage", "batch") if stages > 1 else ("batch",)
-    axes = logical_to_spec(names, plan.rules)[-1] or ()
-    axes = [a for a in ((axes,) if isinstance(axes, str) else axes) if sizes.get(a, 1) > 1]
+    axes = splitting_axes(names, plan.rules, sizes)
     ways = math.prod(sizes[a] for a in axes)
     accum = plan.microbatches
     pipe = plan.pipeline.microbatches_for(stages) if stages > 1 else 1

@@ -93,14 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         _virtual_cpu_devices(args.target.devices if args.confirm else 1)
         from engine.autoplan import no_plan_error, plan_search, target_for
 
-        overrides = {
-            f.name: getattr(args.target, f.name)
-            for f in dataclasses.fields(DeviceSpec)
-            if hasattr(args.target, f.name) and f.name not in ("kind",)
-        }
+        spec_fields = {f.name for f in dataclasses.fields(DeviceSpec)} - {"kind"}
+        overrides = {k: v for k, v in vars(args.target).items() if k in spec_fields}
         target = target_for(
             args.target.kind, args.target.devices, args.target.hosts, args.target.memory_gb,
-            **{k: v for k, v in overrides.items() if k not in ("devices", "hosts")},
+            **overrides,
         )  # fmt: skip
         start = time.perf_counter()
         fits, rejected = plan_search(cfg, target, platform="gpu")

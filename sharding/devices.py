@@ -43,6 +43,7 @@ class DeviceSpec:
         return self.fp32_flops if precision == "fp32" else self.bf16_flops
 
 
+# SXM cards; a PCIe H100 peaks at 756e12 (override: --peak_flops, --target.bf16_flops).
 _NVIDIA = "NVIDIA datasheet (SXM); inter = one 400 Gb/s NIC per GPU"
 DEVICES: dict[str, DeviceSpec] = {
     d.kind: d

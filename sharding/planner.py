@@ -29,7 +29,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 from sharding.devices import DeviceSpec
-from sharding.rules import Rules, logical_to_spec
+from sharding.pipeline import PipelineConfig, bubble as pipeline_bubble
+from sharding.rules import Rules, logical_to_spec, splitting_axes
 
 REMAT_RECOMPUTE = {"none": 0.0, "dots": 0.05, "dots_no_batch": 0.15, "full": 1 / 3}
 """Extra share of the layers' training FLOPs spent recomputing (full: one more forward of 6)."""
@@ -199,12 +200,6 @@ def candidates(
     return out
 
 
-def _axes_of(name: str, rules: Rules, sizes: Mapping[str, int]) -> tuple[str, ...]:
-    spec = logical_to_spec((name,), rules)[0] or ()
-    axes = (spec,) if isinstance(spec, str) else tuple(spec)
-    return tuple(a for a in axes if sizes.get(a, 1) > 1)
-
-
 def shard_bytes(leaves: Sequence[Leaf], rules: Rules, sizes: Mapping[str, int]) -> dict:
     """Per-device bytes of the state's shards: all of it, the params, and of those the
     stacked layers' (named `layers`) and the vocabulary tables (named `vocab`)."""
@@ -252,12 +247,17 @@ def estimate(
     if key not in cache:
         cache[key] = shard_bytes(workload.state(stages), rules, sizes)
     state = cache[key]
-    batch_ways = math.prod(sizes[a] for a in _axes_of("batch", rules, sizes))
-    split = math.prod(sizes[a] for a in _axes_of(workload.split_name, rules, sizes))
-    vocab_ways = math.prod(sizes[a] for a in _axes_of("vocab", rules, sizes))
-    fsdp = math.prod(sizes[a] for a in _axes_of("embed", rules, sizes))
+    ways = {name: math.prod(sizes[a] for a in splitting_axes((name,), rules, sizes))
+            for name in ("batch", workload.split_name, "vocab", "embed")}  # fmt: skip
+    batch_ways, split = ways["batch"], ways[workload.split_name]
+    vocab_ways, fsdp = ways["vocab"], ways["embed"]
     cb, tokens = workload.compute_bytes, workload.batch * workload.seq_len
     micro_tokens = tokens / (c.microbatches * batch_ways)  # per device, per accumulation step
+    if stages > 1:  # the schedule (sharding.pipeline): M microbatches, R*M + S - 1 iterations
+        pmb = PipelineConfig(c.pipeline_microbatches, c.repeats).microbatches_for(stages)
+        iterations = c.repeats * pmb + stages - 1
+        mb_tokens = micro_tokens * stages / pmb  # one pipeline microbatch on this device
+        chunk = workload.layers // (stages * c.repeats)
     widen = dev.widening if cb < 4 else 1.0
 
     def per_token(remat: str) -> float:
@@ -272,10 +272,6 @@ def estimate(
     else:
         # The pipeline rematerializes each stage iteration whatever the remat policy: it keeps
         # every iteration's input, plus one chunk of layers' for one microbatch in backward.
-        pmb = c.pipeline_microbatches or stages
-        mb_tokens = micro_tokens * stages / pmb
-        iterations = c.repeats * pmb + stages - 1
-        chunk = workload.layers // (stages * c.repeats)
         terms["stage_inputs"] = (
             iterations * mb_tokens * workload.width * cb * widen
             + micro_tokens * stages * workload.width * 4  # all microbatches, gathered
@@ -334,12 +330,9 @@ def estimate(
                                  passes * workload.layers // stages * c.microbatches)  # fmt: skip
     bubble = 0.0
     if stages > 1:
-        pmb = c.pipeline_microbatches or stages
-        iterations = c.repeats * pmb + stages - 1
-        mb_tokens = micro_tokens * stages / pmb
         permuted = 2 * iterations * mb_tokens * workload.width * cb
         collectives["pipeline"] = (permuted * c.microbatches, 2 * iterations * c.microbatches)
-        bubble = (stages - 1) / iterations
+        bubble = pipeline_bubble(stages, c.repeats, pmb)
     latency = 0.0
     for axis, (size, count) in collectives.items():
         across = crosses_hosts(axis, sizes, n, target.hosts)

@@ -90,6 +90,13 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
     return P(*spec)
 
 
+def splitting_axes(names: Sequence[str | None], rules: Rules, sizes: Mapping[str, int]):
+    """The mesh axes (of size > 1 in `sizes`) that split the last of `names`'s dimensions,
+    the dimensions before it taking theirs first."""
+    spec = logical_to_spec(names, rules)[-1] or ()
+    return tuple(a for a in ((spec,) if isinstance(spec, str) else spec) if sizes.get(a, 1) > 1)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pin an activation's layout by logical names; a no-op outside a mesh context."""
     mesh = jax.sharding.get_abstract_mesh()
