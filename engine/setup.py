@@ -4,6 +4,7 @@ once-compiled train and eval steps. The loop that drives them is engine.trainer.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from typing import Any
@@ -47,6 +48,7 @@ class Run:
     task: Any
     compile_s: float
     blocks: dict[str, tuple[slice, ...]]  # per batch key: this process's block of the array
+    reused: bool = False  # the steps came from a StepCache: nothing was compiled here
 
     @property
     def rows(self) -> range:
@@ -68,17 +70,77 @@ class Run:
         return out
 
 
+# Config keys no compiled program depends on: the optimizer's scalars are inputs of the step
+# (engine.optim.hyperparams), the seed an input of the initializer, the rest the loop's.
+RUNTIME_KEYS = (
+    "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.b1", "optim.b2", "optim.eps",
+    "optim.weight_decay", "optim.clip_norm", "steps", "seed", "run_dir", "eval_every",
+    "checkpoint", "early_stop", "log", "debug", "compile_cache", "peak_flops", "init_from",
+    "data.prefetch", "data.eval_batches", "data.cache_dir",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class Compiled:
+    """What setup compiles for a config, plan and devices: the same for every run that differs
+    from it only in RUNTIME_KEYS."""
+
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    abstract_state: TrainState
+    state_shardings: Any
+    batch_shardings: dict[str, NamedSharding]
+    init: Any  # jitted (compiled at its first call): (hyperparams, key) -> state
+    train_step: Any
+    eval_step: Any
+    compile_s: float
+
+
+class StepCache:
+    """Compiled programs kept for the runs of one process (a hyper-parameter search): a run
+    whose config differs from an earlier one only in RUNTIME_KEYS, on the same devices, reuses
+    its programs without tracing or compiling anything."""
+
+    def __init__(self):
+        self._entries: dict[str, Compiled] = {}
+        self.compiles = 0
+        self.hits = 0
+
+    @staticmethod
+    def key(cfg: Config, plan: Plan, devices: list[jax.Device]) -> str:
+        values = dataclasses.asdict(cfg)
+        for dotted in RUNTIME_KEYS:
+            *sections, name = dotted.split(".")
+            section = values
+            for part in sections:
+                section = section[part]
+            section.pop(name)
+        ids = [d.id for d in devices]
+        return json.dumps([values, repr(plan), ids], sort_keys=True, default=str)
+
+    def get(self, key: str) -> Compiled | None:
+        found = self._entries.get(key)
+        self.hits += found is not None
+        return found
+
+    def put(self, key: str, compiled: Compiled) -> None:
+        self._entries[key] = compiled
+        self.compiles += 1
+
+
 def setup(
     cfg: Config,
     devices: list[jax.Device] | None = None,
     init: bool = True,
     plan: Plan | None = None,
     task=None,
+    cache: StepCache | None = None,
 ) -> Run:
     """Mesh, sharded initial state and the once-compiled train and eval steps.
 
     `plan` defaults to the one the config's keys give (Plan.from_config); `devices` to all,
-    and the mesh must use exactly these; `task` (the data) to the config's (engine.data).
+    and the mesh must use exactly these; `task` (the data) to the config's (engine.data);
+    `cache` keeps the compiled programs for later runs of this process.
 
     With `init=False` and no `task` nothing is allocated or opened: the state and batch stay
     abstract (shapes and shardings from the config alone) and `run.task` is None, enough to
@@ -86,27 +148,13 @@ def setup(
     """
     plan = plan or Plan.from_config(cfg)
     devices = list(jax.devices() if devices is None else devices)
-    problems = violations(cfg, plan, devices)
-    if problems:
-        raise problems[0]
-    mesh = make_mesh(plan.mesh, devices, plan.axes)
-    stages = stages_of(mesh)
-    if stages == 1 and plan.pipeline != type(plan.pipeline)():
-        print("warning: --pipeline.* has no effect with --mesh.pipeline=1.", file=sys.stderr)
-    rules, policy = plan.rules, POLICIES[plan.precision]
-    tx, _ = make_optimizer(cfg.optim, cfg.steps)
-
-    # violations() above already checked every parameter against the mesh, from these shapes.
-    graphdef, _ = nnx.split(
-        nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.seed), plan, stages))
-    )
-
-    def init_fn(hparams) -> TrainState:
-        params = nnx.state(build_model(cfg, nnx.Rngs(cfg.seed), plan, stages))
-        loss_scale = LossScale.create() if policy.loss_scaling else None
-        return TrainState(jnp.int32(0), params, tx.init(params), loss_scale, hparams)
-
-    hparams = hyperparams(cfg.optim, cfg.steps)  # an input, so no program depends on them
+    key = StepCache.key(cfg, plan, devices) if cache is not None else ""
+    compiled = cache.get(key) if cache is not None else None
+    reused = compiled is not None
+    if not reused:
+        problems = violations(cfg, plan, devices)
+        if problems:
+            raise problems[0]
 
     if task is None and not init:
         shapes = batch_shapes(cfg.task, cfg.data, cfg.batch_size)
@@ -120,6 +168,42 @@ def setup(
             )
         shapes = {k: (v.shape, v.dtype) for k, v in task.train_batch(0).items()}
     names = task.batch_names if task is not None else TASKS[cfg.task].batch_names
+
+    if not reused:
+        compiled = _compile(cfg, plan, devices, shapes, names)
+        if cache is not None:
+            cache.put(key, compiled)
+    state = compiled.abstract_state
+    if init:
+        hparams = hyperparams(cfg.optim, cfg.steps)  # an input, so no program depends on them
+        with jax.set_mesh(compiled.mesh), axis_rules(plan.rules):
+            state = compiled.init(hparams, jax.random.key(cfg.seed))
+    shardings = compiled.batch_shardings
+    blocks = {k: process_block(shardings[k], shape) for k, (shape, _) in shapes.items()}
+    return Run(
+        cfg=cfg, plan=plan, mesh=compiled.mesh, graphdef=compiled.graphdef, state=state,
+        state_shardings=compiled.state_shardings, batch_shardings=shardings,
+        train_step=compiled.train_step, eval_step=compiled.eval_step, task=task,
+        compile_s=0.0 if reused else compiled.compile_s, blocks=blocks, reused=reused,
+    )  # fmt: skip
+
+
+def _compile(cfg: Config, plan: Plan, devices, shapes: dict, names: dict) -> Compiled:
+    mesh = make_mesh(plan.mesh, devices, plan.axes)
+    stages = stages_of(mesh)
+    if stages == 1 and plan.pipeline != type(plan.pipeline)():
+        print("warning: --pipeline.* has no effect with --mesh.pipeline=1.", file=sys.stderr)
+    rules, policy = plan.rules, POLICIES[plan.precision]
+    tx, _ = make_optimizer(cfg.optim, cfg.steps)
+
+    # violations() already checked every parameter against the mesh, from these shapes.
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0), plan, stages)))
+
+    def init_fn(hparams, key) -> TrainState:
+        params = nnx.state(build_model(cfg, nnx.Rngs(key), plan, stages))
+        loss_scale = LossScale.create() if policy.loss_scaling else None
+        return TrainState(jnp.int32(0), params, tx.init(params), loss_scale, hparams)
+
     batch_shardings = {
         k: batch_sharding(mesh, rules, names[k][: len(shape)]) for k, (shape, _) in shapes.items()
     }
@@ -127,13 +211,10 @@ def setup(
         k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_shardings[k])
         for k, (shape, dtype) in shapes.items()
     }
-
-    abstract_state = jax.eval_shape(init_fn, hparams)
+    hparams = jax.eval_shape(lambda: hyperparams(cfg.optim, cfg.steps))
+    abstract_key = jax.eval_shape(lambda: jax.random.key(0))
+    abstract_state = jax.eval_shape(init_fn, hparams, abstract_key)
     state_shardings = tree_shardings(abstract_state, mesh, rules)
-    state = abstract_state
-    if init:
-        with jax.set_mesh(mesh), axis_rules(rules):
-            state = jax.jit(init_fn, out_shardings=state_shardings)(hparams)
 
     family = model_family(cfg)
     chunks = plan.loss_chunks if family.sequence_model else 1
@@ -167,9 +248,9 @@ def setup(
             .compile()
         )
     compile_s = time.perf_counter() - start
-    blocks = {k: process_block(batch_shardings[k], shape) for k, (shape, _) in shapes.items()}
-    return Run(
-        cfg=cfg, plan=plan, mesh=mesh, graphdef=graphdef, state=state,
-        state_shardings=state_shardings, batch_shardings=batch_shardings, train_step=train_step,
-        eval_step=eval_step, task=task, compile_s=compile_s, blocks=blocks,
+    return Compiled(
+        mesh=mesh, graphdef=graphdef, abstract_state=abstract_state,
+        state_shardings=state_shardings, batch_shardings=batch_shardings,
+        init=jax.jit(init_fn, out_shardings=state_shardings),
+        train_step=train_step, eval_step=eval_step, compile_s=compile_s,
     )  # fmt: skip
