@@ -32,6 +32,7 @@ class Restored:
     step: int
     state: TrainState
     path: Path
+    callbacks: dict  # the loop's callbacks' states at this step (engine.callbacks)
 
 
 def _abstract(tree, shardings):
@@ -75,9 +76,12 @@ class Checkpoints:
         cfg = run.cfg.checkpoint
         self.directory = (Path(run.cfg.run_dir) / "checkpoints").absolute()
         self.config = run.cfg
+        self.protected: set[int] = set()  # kept whatever the rotation says (the best step)
+        keep = [ocp.checkpoint_managers.LatestN(cfg.keep or None), _Protected(self.protected)]
+        if cfg.keep_period:
+            keep.append(ocp.checkpoint_managers.EveryNSteps(cfg.keep_period))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep or None,
-            keep_period=cfg.keep_period or None,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
             enable_async_checkpointing=cfg.async_save,
             # Keep the loop's share of a save to the device-to-host snapshot.
             async_options=ocp.AsyncOptions(create_directories_asynchronously=True),
@@ -92,10 +96,21 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: TrainState) -> None:
+    def protect(self, step: int, only: bool = False) -> None:
+        """Keep `step` out of the rotation (`only`: instead of the steps protected so far)."""
+        if only:
+            self.protected.clear()
+        self.protected.add(step)
+
+    def save(self, step: int, state: TrainState, callbacks: dict | None = None) -> None:
         """Start saving `state` as `step`; it is written in the background (async_save)."""
         state = self.layout.to_canonical(state)
-        meta = {"step": step, "data_position": step, "config": dataclasses.asdict(self.config)}
+        meta = {
+            "step": step,
+            "data_position": step,
+            "config": dataclasses.asdict(self.config),
+            "callbacks": callbacks or {},
+        }
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -112,7 +127,7 @@ class Checkpoints:
         steps, errors = self.steps(), []
         for step in reversed(steps):
             try:
-                state = self._restore(step)
+                state, meta = self._restore(step)
             except Exception as e:  # orbax/tensorstore raise many types for a bad file
                 reason = _first_line(e)
                 errors.append(f"{step} ({reason})")
@@ -123,7 +138,8 @@ class Checkpoints:
                 )
                 continue
             self._set_aside(s for s in steps if s > step)
-            return Restored(step, state, self.directory / str(step))
+            callbacks = meta.get("callbacks", {})
+            return Restored(step, state, self.directory / str(step), callbacks)
         if steps:
             raise ConfigError(
                 f"None of the checkpoints in {self.directory} could be restored for this config "
@@ -146,13 +162,14 @@ class Checkpoints:
             multihost_utils.sync_global_devices("shardtrain: unreadable checkpoints set aside")
         self.manager.reload()
 
-    def _restore(self, step: int) -> TrainState:
+    def _restore(self, step: int) -> tuple[TrainState, dict]:
         abstract = self.layout.abstract
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract.params),
                 train=ocp.args.StandardRestore(_train_item(abstract)),
+                meta=ocp.args.JsonRestore(),
             ),
         )
         train = restored["train"]
@@ -163,7 +180,15 @@ class Checkpoints:
             train.get("loss_scale"),
             self.hyperparams,
         )
-        return self.layout.state_from_canonical(state)
+        return self.layout.state_from_canonical(state), restored["meta"]
+
+    def restore_params(self, step: int):
+        """The params of checkpoint `step`, in this run's layout and shardings."""
+        abstract = self.layout.abstract.params
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+        )
+        return self.layout.params_from_canonical(restored["params"])
 
     def reached_preemption(self, step: int) -> bool:
         """JAX's multi-process preemption sync point (False in a single process)."""
@@ -176,13 +201,30 @@ class Checkpoints:
         self.manager.close()
 
 
+@dataclasses.dataclass
+class _Protected:
+    """orbax preservation policy: keep the steps in `steps` (a set the caller updates)."""
+
+    steps: set[int]
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [c.step in self.steps for c in checkpoints]
+
+
 def _first_line(e: Exception) -> str:
     lines = str(e).strip().splitlines() or [""]
     return f"{type(e).__name__}: {lines[0][:300]}"
 
 
 def _step_dir(path: Path) -> Path:
-    """A run directory's newest complete checkpoint, or `path` itself."""
+    """A run directory's newest complete checkpoint (its best, when it ran with
+    --early_stop.restore_best), or `path` itself."""
+    best = path / "best.json"
+    if best.is_file() and (path / "checkpoints").is_dir():
+        kept = json.loads(best.read_text())
+        step_dir = path / (kept.get("checkpoint") or "none")
+        if kept.get("restore_best") and step_dir.is_dir():
+            return step_dir
     if (path / "checkpoints").is_dir():
         steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
         if not steps:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+import typing
 from pathlib import Path
 from typing import Literal
 
 import tyro
 
+from engine.callbacks import EarlyStopConfig
 from engine.optim import OptimConfig
 from models import LLAMA_PRESETS, ClassifierConfig, LlamaConfig
 from models.layers import ATTENTION, remat_policy
@@ -158,6 +160,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    early_stop: EarlyStopConfig = EarlyStopConfig()
     log: LogConfig = LogConfig()
     distributed: DistributedConfig = DistributedConfig()
     steps: int = 300
@@ -280,6 +283,30 @@ def _config_keys(cls, prefix: str = "") -> list[str]:
     return keys
 
 
+def unknown_key_hint(dotted: str) -> str:
+    """'; did you mean ...?' for a key that is not a config key."""
+    close = difflib.get_close_matches(dotted, _config_keys(Config), n=1)
+    return f"; did you mean '{close[0]}'?" if close else "; see --help for the keys."
+
+
+def key_type(dotted: str):
+    """The declared type of config key `dotted` ('optim.lr' -> float); KeyError if none."""
+    if dotted not in _config_keys(Config):
+        raise KeyError(dotted)
+    cls, *sections, name = [Config, *dotted.split(".")]
+    for section in sections:
+        cls = type(getattr(cls(), section))
+    return typing.get_type_hints(cls)[name]
+
+
+def replace_key(cfg: Config, dotted: str, value) -> Config:
+    """`cfg` with config key `dotted` set to `value`."""
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: replace_key(getattr(cfg, head), rest, value)})
+
+
 def _check_keys(overrides: dict, name: str, prefix: str = "") -> None:
     known = _config_keys(Config)
     for key, value in overrides.items():
@@ -287,8 +314,7 @@ def _check_keys(overrides: dict, name: str, prefix: str = "") -> None:
         if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in known):
             _check_keys(value, name, dotted + ".")
         elif dotted not in known:
-            close = difflib.get_close_matches(dotted, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else "; see --help for the keys."
+            hint = unknown_key_hint(dotted)
             raise ConfigError(f"Config file '{name}' has an unknown key '{dotted}'{hint}")
 
 
@@ -348,6 +374,27 @@ def _split_configs(argv: list[str] | None) -> tuple[list[str], list[str]]:
     return names, rest
 
 
+def split_flags(
+    argv: list[str], own: tuple[str, ...], switches: tuple[str, ...] = ()
+) -> tuple[list[str], list[str]]:
+    """(the flags starting with one of `own`, with their values; the rest: config flags) for
+    commands that take config keys next to their own (engine.plan, engine.tune). A bare
+    switch in `switches` becomes `--switch=True`."""
+    mine, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(own):
+            mine.append(f"{arg}=True" if arg in switches else arg)
+            takes_value = "=" not in arg and arg not in (*switches, "--help", "-h")
+            if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                mine.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return mine, rest
+
+
 def explicit_keys(argv: list[str] | None = None) -> set[str]:
     """The dotted config keys `argv` sets itself, on the command line or in --config files
     (a preset's values are defaults, not choices): what --mesh.auto must keep."""
@@ -393,6 +440,11 @@ def config_warnings(cfg: Config) -> list[str]:
             "the learning rate only warms up (reaching its peak at the last step) and never "
             "decays."
         )
+    if cfg.early_stop.patience and not cfg.eval_every:
+        warnings.append(
+            f"--early_stop.patience={cfg.early_stop.patience} with --eval_every=0: the run "
+            "evaluates only at its end, so it never stops early; set --eval_every."
+        )
     return warnings
 
 
@@ -423,6 +475,8 @@ def config_errors(cfg: Config) -> list[ConfigError]:
         "--checkpoint.keep_period": cfg.checkpoint.keep_period,
         "--data.prefetch": cfg.data.prefetch,
         "--log.profile_from": cfg.log.profile_from,
+        "--early_stop.patience": cfg.early_stop.patience,
+        "--early_stop.min_delta": cfg.early_stop.min_delta,
     }
     for flag, value in positive.items():
         if value <= 0:
@@ -430,6 +484,17 @@ def config_errors(cfg: Config) -> list[ConfigError]:
     for flag, value in non_negative.items():
         if value < 0:
             errors.append(ConfigError(f"{flag}={value} must not be negative."))
+    stop = cfg.early_stop
+    if stop.enabled and not stop.metric.startswith("eval_"):
+        errors.append(ConfigError(
+            f"--early_stop.metric={stop.metric} is not an evaluation; use an eval_* key such as "
+            "eval_loss or eval_accuracy."
+        ))  # fmt: skip
+    if stop.restore_best and not (cfg.checkpoint.every or cfg.checkpoint.final):
+        errors.append(ConfigError(
+            "--early_stop.restore_best needs checkpoints to keep the best params in; set "
+            "--checkpoint.every or leave --checkpoint.final=True."
+        ))  # fmt: skip
     try:
         remat_policy(cfg.model.remat)
     except ValueError as e:

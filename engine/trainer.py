@@ -6,6 +6,9 @@
             return record["eval_loss"] < 2.0     # True: save and stop the run here
     train(cfg, callbacks=[StopAtLoss()])
 
+Early stopping (`--early_stop.*`, engine.callbacks.EarlyStopping) is such a callback, added
+here when the config asks for it.
+
 `Trainer(cfg, run=..., task=..., callbacks=...)` takes a prepared run (engine.setup.setup) and
 its own data source (an object like engine.data.TextTask) too.
 """
@@ -24,6 +27,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from engine.callbacks import Callback, EarlyStopping
 from engine.checkpoint import Checkpoints, restore_params
 from engine.config import Config, TrainingHalted
 from engine.data import prefetch
@@ -40,26 +44,10 @@ from engine.metrics import (
 from engine.plan import Plan
 from engine.profile import StepTrace
 from engine.setup import Run, setup
+from engine.step import SUMS
 from sharding import bubble, describe_mesh, stages_of
 
-
-class Callback:
-    """Hooks of the training loop; override the ones you need."""
-
-    def on_start(self, trainer: Trainer) -> None:
-        """Before the first step (after any resume): `trainer.start` is the step resumed from."""
-
-    def on_step(self, trainer: Trainer, record: dict) -> None:
-        """After every step, with its metrics.jsonl record (eval keys too after an evaluation)."""
-
-    def on_eval(self, trainer: Trainer, record: dict) -> bool | None:
-        """After each evaluation; return True to stop the run (the state is saved first)."""
-
-    def on_save(self, trainer: Trainer, step: int) -> None:
-        """After a checkpoint of `step` was started (it completes in the background)."""
-
-    def on_end(self, trainer: Trainer, records: list[dict]) -> None:
-        """When the loop ends, however it ends."""
+__all__ = ["Callback", "Trainer", "evaluate", "eval_keys", "train"]
 
 
 def evaluate(run: Run) -> dict[str, float]:
@@ -79,6 +67,16 @@ def evaluate(run: Run) -> dict[str, float]:
         key, per = ("eval_bits_per_byte", nbytes) if nbytes else ("eval_bits_per_token", count)
         result[key] = loss_sum / math.log(2) / per
     return result
+
+
+def eval_keys(run: Run) -> list[str]:
+    """The keys `evaluate` reports for `run`: loss and accuracy, one per layer aux value, and
+    bits per byte (bits per token where the task cannot count its bytes)."""
+    aux = [f"eval_{name}" for name in run.eval_step.out_info if name not in SUMS]
+    keys = ["eval_loss", "eval_accuracy", *aux]
+    if hasattr(run.task, "eval_bytes"):
+        keys.append("eval_bits_per_byte" if run.task.eval_bytes() else "eval_bits_per_token")
+    return keys
 
 
 class StopSignal:
@@ -106,7 +104,12 @@ def _poison(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class Trainer:
-    """Trains `cfg` to `cfg.steps`, resuming from the newest checkpoint in its run_dir."""
+    """Trains `cfg` to `cfg.steps`, resuming from the newest checkpoint in its run_dir.
+
+    `quiet` keeps the run's lines off the terminal (a tuner's trials); metrics.jsonl is still
+    written. Callbacks see `trainer.run`, `.cfg`, `.start`, `.checkpoints` (None when
+    checkpointing is off), `.primary` (the process that writes files) and `.log(line)`.
+    """
 
     def __init__(
         self,
@@ -117,6 +120,7 @@ class Trainer:
         plan: Plan | None = None,
         task=None,
         callbacks=(),
+        quiet: bool = False,
     ):
         if cfg.init_from_hf and run is None:
             from engine import hf
@@ -125,8 +129,23 @@ class Trainer:
         self.cfg = cfg
         self.run = run or setup(cfg, devices, plan=plan, task=task)
         self.callbacks = list(callbacks)
+        if cfg.early_stop.enabled:
+            self.callbacks.append(EarlyStopping(cfg.early_stop))
         self.start = 0
-        self.stop_reason: str | None = None
+        self.stop_reason: str | None = None  # why the loop stopped before cfg.steps
+        self.checkpoints: Checkpoints | None = None
+        self.primary = is_primary()  # process 0 alone writes metrics, logs and the config
+        self.log = tqdm.write if self.primary and not quiet else _silent
+        self._save_requested = False
+
+    def request_save(self) -> None:
+        """Checkpoint the current step (a callback's request, e.g. a new best evaluation)."""
+        self._save_requested = True
+
+    def restore_params(self, step: int) -> None:
+        """Replace the run's params with those of checkpoint `step`."""
+        params = self.checkpoints.restore_params(step)
+        self.run.state = dataclasses.replace(self.run.state, params=params)
 
     def fit(self) -> list[dict]:
         """Run the loop; returns the records of the steps run here (also in metrics.jsonl)."""
@@ -136,10 +155,15 @@ class Trainer:
         ckpt = None
         if cfg.checkpoint.every or cfg.checkpoint.final or (run_dir / "checkpoints").is_dir():
             ckpt = Checkpoints(run)
+        self.checkpoints = ckpt
         start = 0
         restored = ckpt.restore_latest() if ckpt else None
         if restored:
             run.state, start = restored.state, restored.step
+            for callback in self.callbacks:
+                state = restored.callbacks.get(type(callback).__name__)
+                if state is not None:
+                    callback.load_state_dict(state)
         elif cfg.init_from:
             run.state = dataclasses.replace(run.state, params=restore_params(cfg.init_from, run))
         elif cfg.init_from_hf:
@@ -148,8 +172,7 @@ class Trainer:
             params = hf.restore_params(cfg.init_from_hf, run)
             run.state = dataclasses.replace(run.state, params=params)
         self.start = start
-        primary = is_primary()  # process 0 alone writes metrics, logs and the config
-        log = tqdm.write if primary else _silent
+        primary, log = self.primary, self.log
         if primary:
             config = json.dumps(dataclasses.asdict(cfg), indent=2)
             (run_dir / "config.json").write_text(config + "\n")
@@ -172,22 +195,21 @@ class Trainer:
         stop = StopSignal() if jax.process_count() == 1 else None
         records, skipped_in_a_row, saved = [], 0, start
         # disable=None: a bar on terminals only, so redirected logs keep just the summary lines.
-        bar = tqdm(
-            initial=start,
-            total=cfg.steps,
-            disable=None if cfg.log.progress and primary else True,
-            unit="step",
-        )
+        shown = cfg.log.progress and primary and log is not _silent
+        bar = tqdm(initial=start, total=cfg.steps, disable=None if shown else True, unit="step")
         batches = prefetch(run.task, range(start, cfg.steps), run.rows, cfg.data.prefetch)
         trace = StepTrace(
             cfg.run_dir, cfg.log.profile_from if primary else 0, cfg.log.profile_steps
         )
-        for callback in self.callbacks:
-            callback.on_start(self)
         # Without a terminal (CI, nohup, notebooks) the bar is off: a line now and then instead.
-        quiet = cfg.log.progress and primary and bar.disable
+        quiet = shown and bar.disable
         began = noted = last = time.perf_counter()
         try:
+            for callback in self.callbacks:
+                callback.on_start(self)
+            if self.stop_reason:
+                log(f"{self.stop_reason}; nothing to train")
+                return records
             for step in range(start, cfg.steps):
                 done = step + 1
                 waited = time.perf_counter()
@@ -236,19 +258,26 @@ class Trainer:
                     noted = now
                 for callback in self.callbacks:
                     callback.on_step(self, record)
-                if evaluated and done < cfg.steps:
-                    for callback in self.callbacks:
-                        if callback.on_eval(self, record) and not self.stop_reason:
-                            self.stop_reason = f"callback {type(callback).__name__}"
-                if ckpt and cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
+                for callback in self.callbacks if evaluated else ():
+                    stop_now = callback.on_eval(self, record)
+                    if stop_now and done < cfg.steps and not self.stop_reason:
+                        name = f"callback {type(callback).__name__}"
+                        self.stop_reason = stop_now if isinstance(stop_now, str) else name
+                every = cfg.checkpoint.every
+                if ckpt and ((every and done % every == 0) or self._save_requested):
                     self._save(ckpt, done)
                     saved = done
                 preempted = ckpt is not None and ckpt.reached_preemption(done)
-                received = stop and stop.received
-                if received or preempted or self.stop_reason:
+                if stop and stop.received or preempted:
+                    self.stop_reason = stop.received if stop and stop.received else "preemption"
                     if ckpt and saved != done:
                         self._save(ckpt, done)
-                    log(_stopped(received or self.stop_reason or "preemption", done, ckpt))
+                    log(_interrupted(self.stop_reason, done, ckpt))
+                    return records
+                if self.stop_reason:
+                    if ckpt and saved != done:
+                        self._save(ckpt, done)
+                    log(_stopped(self.stop_reason, done, ckpt))
                     return records
             keep = cfg.checkpoint.every or cfg.checkpoint.final
             if ckpt and keep and saved != cfg.steps and start < cfg.steps:
@@ -261,19 +290,24 @@ class Trainer:
             return records
         finally:
             # Whatever stops the loop, the checkpoint being written completes before exit.
-            if ckpt:
-                ckpt.wait()
-                ckpt.close()
-            if stop:
-                stop.restore()
-            trace.close()
-            bar.close()
-            writer.close()
-            for callback in self.callbacks:
-                callback.on_end(self, records)
+            try:
+                if ckpt:
+                    ckpt.wait()
+                for callback in self.callbacks:
+                    callback.on_end(self, records)
+            finally:
+                if ckpt:
+                    ckpt.close()
+                if stop:
+                    stop.restore()
+                trace.close()
+                bar.close()
+                writer.close()
 
     def _save(self, ckpt: Checkpoints, step: int) -> None:
-        ckpt.save(step, self.run.state)
+        states = {type(c).__name__: c.state_dict() for c in self.callbacks}
+        ckpt.save(step, self.run.state, {k: v for k, v in states.items() if v is not None})
+        self._save_requested = False
         for callback in self.callbacks:
             callback.on_save(self, step)
 
@@ -297,10 +331,11 @@ def _banner(run: Run) -> str:
     processes = f" | {jax.process_count()} processes" if jax.process_count() > 1 else ""
     planned = planned_memory_gb(run.train_step)
     plan = f" | step needs {format_bytes(planned * 1e9)}/device" if planned is not None else ""
+    compiled = "steps reused" if run.reused else f"compiled in {run.compile_s:.1f}s"
     return (
         f"shardtrain: {cfg.task} | {params / 1e6:.2f}M params | mesh {describe_mesh(run.mesh)}"
         f"{processes} | {_pipeline_summary(run.plan, stages_of(run.mesh))}{run.plan.precision} | "
-        f"compiled in {run.compile_s:.1f}s{plan}"
+        f"{compiled}{plan}"
     )
 
 
@@ -341,12 +376,16 @@ def _closing(records: list[dict], seconds: float, run_dir: Path, saved: int, ckp
 
 
 def _stopped(reason: str, step: int, ckpt) -> str:
+    """A callback ended the run: the line says why and where its state is."""
     if ckpt is None:
         return f"{reason}: stopped after step {step}; checkpointing is off, nothing saved"
-    return (
-        f"{reason}: stopped after step {step}, checkpoint saved in {ckpt.directory / str(step)}; "
-        "run the same command to resume"
-    )
+    return f"{reason}: stopped after step {step}, checkpoint saved in {ckpt.directory / str(step)}"
+
+
+def _interrupted(reason: str, step: int, ckpt) -> str:
+    """A signal or preemption: the same command continues the run."""
+    line = _stopped(reason, step, ckpt)
+    return line if ckpt is None else f"{line}; run the same command to resume"
 
 
 def _pipeline_summary(plan: Plan, stages: int) -> str:
