@@ -19,7 +19,7 @@ import time
 
 import tyro
 
-from engine.config import ConfigError, parse_args
+from engine.config import ConfigError, parse_args, split_flags
 from engine.metrics import format_bytes
 from sharding import ShardingError
 from sharding.devices import DeviceSpec
@@ -59,26 +59,9 @@ class PlanArgs:
 _OWN = ("--target.", "--top", "--confirm", "--json", "--help", "-h")
 
 
-def _split(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(planner flags, config flags)."""
-    own, rest, i = [], [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith(_OWN):
-            own.append("--json=True" if arg == "--json" else arg)  # a switch
-            takes_value = "=" not in arg and arg not in ("--json", "--help", "-h")
-            if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                own.append(argv[i + 1])
-                i += 1
-        else:
-            rest.append(arg)
-        i += 1
-    return own, rest
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    own, rest = _split(argv)
+    own, rest = split_flags(argv, _OWN, switches=("--json",))
     args = tyro.cli(
         PlanArgs,
         args=own,
