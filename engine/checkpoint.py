@@ -219,12 +219,11 @@ def _first_line(e: Exception) -> str:
 def _step_dir(path: Path) -> Path:
     """A run directory's newest complete checkpoint (its best, when it ran with
     --early_stop.restore_best), or `path` itself."""
-    best = path / "best.json"
-    if best.is_file() and (path / "checkpoints").is_dir():
-        kept = json.loads(best.read_text())
-        step_dir = path / (kept.get("checkpoint") or "none")
-        if kept.get("restore_best") and step_dir.is_dir():
-            return step_dir
+    if (path / "best.json").is_file():
+        best = json.loads((path / "best.json").read_text())
+        chosen = best.get("checkpoint") if best.get("restore_best") else None
+        if chosen and (path / chosen).is_dir():
+            return path / chosen
     if (path / "checkpoints").is_dir():
         steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
         if not steps:

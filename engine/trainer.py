@@ -268,16 +268,13 @@ class Trainer:
                     self._save(ckpt, done)
                     saved = done
                 preempted = ckpt is not None and ckpt.reached_preemption(done)
-                if stop and stop.received or preempted:
-                    self.stop_reason = stop.received if stop and stop.received else "preemption"
+                interrupted = (stop and stop.received) or ("preemption" if preempted else None)
+                if interrupted or self.stop_reason:
+                    self.stop_reason = interrupted or self.stop_reason
                     if ckpt and saved != done:
                         self._save(ckpt, done)
-                    log(_interrupted(self.stop_reason, done, ckpt))
-                    return records
-                if self.stop_reason:
-                    if ckpt and saved != done:
-                        self._save(ckpt, done)
-                    log(_stopped(self.stop_reason, done, ckpt))
+                    ended = _interrupted if interrupted else _stopped
+                    log(ended(self.stop_reason, done, ckpt))
                     return records
             keep = cfg.checkpoint.every or cfg.checkpoint.final
             if ckpt and keep and saved != cfg.steps and start < cfg.steps:

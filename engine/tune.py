@@ -18,6 +18,7 @@ optuna.Study and writes `study_dir/best.json`, a config `engine.train --config` 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -238,30 +239,25 @@ class _Search:
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     errors: list[Exception] = dataclasses.field(default_factory=list)
 
+    interrupted: bool = False
+
     def next_trial(self) -> optuna.Trial | None:
         """A new trial, or None once the study holds `trials` finished or running ones. Under
-        a file lock, so that workers everywhere never start more than that together."""
-        file_lock = JournalFileSymlinkLock(str(self.study_dir / "ask.lock"))
-        with self.lock:
-            file_lock.acquire()
-            try:
-                self._fail_stale()
-                states = collections.Counter(t.state for t in self.study.get_trials(deepcopy=False))
-                if self.stop.is_set() or sum(states[s] for s in (*DONE, TrialState.RUNNING)) >= (
-                    self.trials
-                ):
-                    return None
-                distributions = {d.key: d.distribution() for d in self.dims}
-                trial = self.study.ask(distributions)
-                trial.set_user_attr("host", HOST)
-                trial.set_user_attr("pid", os.getpid())
-                run_dir = self.study_dir / "trials" / str(trial.number)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "heartbeat").touch()
-                self.running[trial.number] = run_dir
-                return trial
-            finally:
-                file_lock.release()
+        the study's lock, so that workers everywhere never start more than that together."""
+        with self.lock, _study_lock(self.study_dir):
+            self._fail_stale()
+            states = collections.Counter(t.state for t in self.study.get_trials(deepcopy=False))
+            started = sum(states[s] for s in (*DONE, TrialState.RUNNING))
+            if self.stop.is_set() or started >= self.trials:
+                return None
+            trial = self.study.ask({d.key: d.distribution() for d in self.dims})
+            trial.set_user_attr("host", HOST)
+            trial.set_user_attr("pid", os.getpid())
+            run_dir = self.study_dir / "trials" / str(trial.number)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "heartbeat").touch()
+            self.running[trial.number] = run_dir
+            return trial
 
     def _fail_stale(self) -> None:
         """Mark failed the running trials whose worker is gone (killed mid-trial)."""
@@ -293,6 +289,7 @@ class _Search:
             except BaseException as e:  # Ctrl-C outside a trial's loop, a bug: fail it, stop
                 self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 self.stop.set()
+                self.interrupted = isinstance(e, KeyboardInterrupt)
                 self.errors.append(e)
                 return
             finally:
@@ -332,6 +329,7 @@ class _Search:
         trial.set_user_attr("step", records[-1]["step"] if records else trainer.start)
         if trainer.stop_reason in ("SIGINT", "SIGTERM", "preemption", "interrupted"):
             self.stop.set()
+            self.interrupted = True
             return self._tell(trial, TrialState.FAIL, None, began, "(interrupted)")
         if report.pruned:
             return self._tell(trial, TrialState.PRUNED, None, began, report.pruned)
@@ -389,6 +387,19 @@ def _value(trainer: Trainer, metric: str) -> float:
 def _records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.open()] if path.is_file() else []
+
+
+@contextlib.contextmanager
+def _study_lock(study_dir: Path):
+    """Held while a worker creates the study or starts a trial: a lock file in study_dir,
+    which every worker shares (Optuna's own NFS-safe lock; a holder that died is broken
+    after 30 s)."""
+    lock = JournalFileSymlinkLock(str(study_dir / "study.lock"))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _alive(pid) -> bool:
@@ -482,20 +493,26 @@ def tune(
     study_dir.mkdir(parents=True, exist_ok=True)
     if not checked and study_dir.name not in optuna.get_all_study_names(storage=store):
         check_metric(cfg, groups[0], cache, metric)
-    study = optuna.create_study(
-        storage=store,
-        study_name=study_dir.name,
-        direction=direction,
-        sampler=_sampler(sampler, dims, trials, sampler_seed),
-        pruner=_pruner(pruner, cfg),
-        load_if_exists=True,
-    )
-    known = study.user_attrs.get("shardtrain")
-    if known is None:
-        study.set_user_attr("shardtrain", identity)
-        for params in enqueue:
-            study.enqueue_trial(params, skip_if_exists=True)
-    elif known != identity:
+    if sampler == "grid":
+        size = math.prod(len(d.grid()) for d in dims)
+        if trials > size:
+            log(f"--trials={trials} is more than the grid's {size} points: running {size}")
+            trials = size
+    with _study_lock(study_dir):  # the first worker creates it; the others find it made
+        study = optuna.create_study(
+            storage=store,
+            study_name=study_dir.name,
+            direction=direction,
+            sampler=_sampler(sampler, dims, trials, sampler_seed),
+            pruner=_pruner(pruner, cfg),
+            load_if_exists=True,
+        )
+        known = study.user_attrs.get("shardtrain")
+        if known is None:
+            study.set_user_attr("shardtrain", identity)
+            for params in enqueue:
+                study.enqueue_trial(params)
+    if known is not None and known != identity:
         raise ConfigError(
             f"The study in {study_dir} searched another space or config "
             f"({_first_difference(known, identity)}); run it with the same flags, or pass a new "
@@ -515,6 +532,9 @@ def tune(
         search.stop.set()
     if search.errors:
         raise search.errors[0]
+    if search.interrupted:
+        log("interrupted: the running trials were marked failed; run the same command to "
+            "continue the study")  # fmt: skip
     write_best(study, study_dir)
     plot.study_plots(study, dims, metric, study_dir)
     return study

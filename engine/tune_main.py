@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the running trials were marked failed; run the same command to "
+              "continue the study", file=sys.stderr)  # fmt: skip
+        return 130
     print(table(study, [s.split("=", 1)[0] for s in args.space], args.metric))
     best = Path(args.study_dir) / "best.json"
     if best.is_file():
