@@ -146,7 +146,7 @@ def test_a_trial_whose_worker_died_is_marked_failed_and_replaced(tmp_path):
 
 def test_two_processes_share_one_study(tmp_path):
     study_dir = tmp_path / "study"
-    args = ("--config", "digits", "--steps=150", "--eval_every=50", "--log.tensorboard=False",
+    args = ("--config", "digits", "--steps=500", "--eval_every=100", "--log.tensorboard=False",
             f"--study_dir={study_dir}", "--trials=6", "--space", "optim.lr=log:1e-4:1e-1",
             "--pruner=none", f"--compile_cache={tmp_path / 'xla'}")  # fmt: skip
     workers = [cli(*args, devices=2, background=True, module="engine.tune") for _ in range(2)]
