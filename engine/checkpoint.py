@@ -11,10 +11,12 @@ renames it when complete; a step that cannot be read is skipped with a warning, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +27,24 @@ from jax.experimental import multihost_utils
 from engine.config import ConfigError
 from engine.step import TrainState
 from sharding import restage, stages_of, tree_shardings, unstage
+
+# orbax keys the signals of a save ("step directory created", ...) by one process-wide
+# operation id, so the saves of two managers in one process must not overlap (a tuner's
+# parallel trials, in threads): a manager's save or restore waits for another's to complete.
+_ORBAX = threading.Lock()
+_saving = None  # the manager whose save may still be running in the background
+
+
+@contextlib.contextmanager
+def _orbax_turn(manager=None, saves: bool = False):
+    global _saving
+    with _ORBAX:
+        if _saving is not None and _saving is not manager:
+            _saving.wait_until_finished()
+            _saving = None
+        if saves:
+            _saving = manager
+        yield
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +108,8 @@ class Checkpoints:
             enable_background_delete=True,
             cleanup_tmp_directories=True,  # half-written steps from a killed run
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        with _orbax_turn():
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.layout = Layout(run)
         # Not stored: a resumed run uses the optimizer settings it is given now.
         self.hyperparams = run.state.hyperparams
@@ -111,15 +132,16 @@ class Checkpoints:
             "config": dataclasses.asdict(self.config),
             "callbacks": callbacks or {},
         }
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
-                train=ocp.args.StandardSave(_train_item(state)),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,  # the caller decides when; orbax's own interval policy is not used
-        )
+        with _orbax_turn(self.manager, saves=True):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state.params),
+                    train=ocp.args.StandardSave(_train_item(state)),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=True,  # the caller decides when; orbax's own interval policy is unused
+            )
 
     def restore_latest(self) -> Restored | None:
         """The newest checkpoint that reads back whole, resharded for this run; None if there
@@ -164,14 +186,15 @@ class Checkpoints:
 
     def _restore(self, step: int) -> tuple[TrainState, dict]:
         abstract = self.layout.abstract
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract.params),
-                train=ocp.args.StandardRestore(_train_item(abstract)),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        with _orbax_turn(self.manager):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract.params),
+                    train=ocp.args.StandardRestore(_train_item(abstract)),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
         train = restored["train"]
         state = TrainState(
             train["step"],
@@ -185,9 +208,10 @@ class Checkpoints:
     def restore_params(self, step: int):
         """The params of checkpoint `step`, in this run's layout and shardings."""
         abstract = self.layout.abstract.params
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
-        )
+        with _orbax_turn(self.manager):
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+            )
         return self.layout.params_from_canonical(restored["params"])
 
     def reached_preemption(self, step: int) -> bool:
@@ -198,7 +222,8 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        with _orbax_turn(self.manager):
+            self.manager.close()
 
 
 @dataclasses.dataclass

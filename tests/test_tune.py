@@ -190,10 +190,13 @@ def test_bad_tuning_input_gets_one_sentence_and_writes_no_study(tmp_path, capsys
 
 
 def test_trials_in_parallel_on_disjoint_device_groups(tmp_path):
-    """8 devices, 2 per trial: four trials at once, each on its own devices."""
-    study = tune(digits(tmp_path / "unused", steps=40, eval_every=0), ["optim.lr=log:1e-3:1e-2"],
-                 tmp_path / "study", 4, pruner="none", devices_per_trial=2,
-                 log=lambda line: None)  # fmt: skip
+    """8 devices, 2 per trial: four trials at once, each on its own devices, each saving a
+    checkpoint every 4 steps (orbax's saves in one process must not overlap: they share one
+    operation id)."""
+    cfg = digits(tmp_path / "unused", steps=40, eval_every=0,
+                 checkpoint=CheckpointConfig(every=4, keep=2))  # fmt: skip
+    study = tune(cfg, ["optim.lr=log:1e-3:1e-2"], tmp_path / "study", 4, pruner="none",
+                 devices_per_trial=2, log=lambda line: None)  # fmt: skip
     trials = study.get_trials()
     assert [t.state for t in trials] == [STATES.COMPLETE] * 4
     starts = sorted(t.datetime_start for t in trials)
