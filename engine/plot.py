@@ -18,14 +18,10 @@ from optuna.trial import TrialState  # noqa: E402
 def _points(study, state: TrialState) -> list[tuple[int, dict, float]]:
     """(number, params, value) of the trials in `state`; a pruned trial's value is its last
     report."""
-    points = []
-    for t in study.get_trials(deepcopy=False, states=(state,)):
-        value = t.value if state == TrialState.COMPLETE else None
-        if value is None and t.intermediate_values:
-            value = t.intermediate_values[max(t.intermediate_values)]
-        if value is not None:
-            points.append((t.number, t.params, value))
-    return points
+    from engine.tune import trial_value
+
+    trials = study.get_trials(deepcopy=False, states=(state,))
+    return [(t.number, t.params, trial_value(t)) for t in trials if trial_value(t) is not None]
 
 
 def study_plots(study, dims, metric: str, out_dir: str | Path) -> list[Path]:

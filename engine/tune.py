@@ -333,7 +333,8 @@ class _Search:
             return self._tell(trial, TrialState.FAIL, None, began, "(interrupted)")
         if report.pruned:
             return self._tell(trial, TrialState.PRUNED, None, began, report.pruned)
-        return self._tell(trial, TrialState.COMPLETE, _value(trainer, self.metric), began, "")
+        value = _value(trainer, records, self.metric)
+        return self._tell(trial, TrialState.COMPLETE, value, began, "")
 
     def _tell(self, trial, state: TrialState, value, began: float, how: str) -> TrialState:
         trial.set_user_attr("seconds", round(time.perf_counter() - began, 1))
@@ -374,19 +375,20 @@ class _Report(Callback):
         return self.pruned
 
 
-def _value(trainer: Trainer, metric: str) -> float:
+def _value(trainer: Trainer, records: list[dict], metric: str) -> float:
     """The trial's result: its last evaluation, or its best with --early_stop.restore_best."""
     for callback in trainer.callbacks:
         stop = callback.cfg if isinstance(callback, EarlyStopping) else None
         if stop and stop.restore_best and stop.metric == metric and callback.best is not None:
             return callback.best
-    records = [r for r in _records(Path(trainer.cfg.run_dir)) if metric in r]
-    return records[-1][metric]
+    return [r for r in records if metric in r][-1][metric]
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.open()] if path.is_file() else []
+def trial_value(t: optuna.trial.FrozenTrial) -> float | None:
+    """A trial's result: its value, or for a pruned trial its last report (None: neither)."""
+    if t.value is not None or not t.intermediate_values:
+        return t.value
+    return t.intermediate_values[max(t.intermediate_values)]
 
 
 @contextlib.contextmanager
@@ -418,11 +420,11 @@ def _params_text(params: dict) -> str:
 
 
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+    """optuna's best complete trial, or None where its `best_trial` raises (none yet)."""
+    try:
+        return study.best_trial
+    except ValueError:
         return None
-    sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
-    return min(complete, key=lambda t: sign * t.value)
 
 
 def device_groups(devices: list[jax.Device], per_trial: int | None) -> list[list[jax.Device]]:

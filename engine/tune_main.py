@@ -111,17 +111,13 @@ def table(study, keys: list[str], metric: str) -> str:
     report, then the rest."""
     from optuna.trial import TrialState
 
+    from engine.tune import trial_value
+
     sign = 1 if study.direction.name == "MINIMIZE" else -1
     order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1}
 
-    def value(t):
-        if t.value is not None:
-            return t.value
-        reports = t.intermediate_values
-        return reports[max(reports)] if reports else None
-
     def rank(t):
-        v = value(t)
+        v = trial_value(t)
         return (order.get(t.state, 2), sign * v if v is not None else 0.0, t.number)
 
     widths = [max(len(k), 10) for k in keys]
@@ -130,7 +126,7 @@ def table(study, keys: list[str], metric: str) -> str:
     )
     lines = [head + f"  {'time':>6}"]
     for t in sorted(study.get_trials(deepcopy=False), key=rank):
-        v = value(t)
+        v = trial_value(t)
         params = "  ".join(
             f"{_cell(t.params.get(k)):>{w}}" for k, w in zip(keys, widths, strict=True)
         )
