@@ -216,6 +216,27 @@ PRESETS: dict[str, Config] = {
         eval_every=100,
         optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=1e-4),
     ),
+    # Mixture-of-Experts on the quick-start data: `default`'s active parameters per token in 8
+    # experts, two per token (models.LLAMA_PRESETS["moe"]); validation loss ~1.7 in 300 steps.
+    "moe": Config(
+        model=ModelConfig.of(LLAMA_PRESETS["moe"]),
+        checkpoint=CheckpointConfig(every=100),
+        run_dir="runs/moe",
+    ),
+    # Mixtral 8x7B shapes in bf16 at 4k context, fully rematerialized: whole experts over
+    # --mesh.expert, the rest ZeRO-3 over fsdp (engine.plan compiles it ahead of time).
+    "mixtral_8x7b": Config(
+        model=ModelConfig.of(LLAMA_PRESETS["mixtral_8x7b"], remat="full"),
+        precision="bf16",
+        batch_size=16,
+        steps=200,
+        checkpoint=CheckpointConfig(every=50),
+        run_dir="runs/mixtral_8x7b",
+        data=DataConfig(seq_len=4096, eval_batches=2),
+        eval_every=0,
+        mesh=MeshConfig(data=1, fsdp=-1, expert=8),
+        optim=OptimConfig(lr=3e-4, warmup_steps=20),
+    ),
     # ~125M params, 32k vocabulary, bf16 at 1k context: one GPU, or the memory benchmark.
     "small": Config(
         model=ModelConfig.of(LLAMA_PRESETS["small"]),
@@ -495,6 +516,7 @@ def config_errors(cfg: Config) -> list[ConfigError]:
             "--early_stop.restore_best needs checkpoints to keep the best params in; set "
             "--checkpoint.every or leave --checkpoint.final=True."
         ))  # fmt: skip
+    errors += _moe_errors(cfg.model)
     try:
         remat_policy(cfg.model.remat)
     except ValueError as e:
@@ -509,6 +531,34 @@ def config_errors(cfg: Config) -> list[ConfigError]:
         errors.append(ConfigError(
             f"--model.loss_chunks={chunks} does not divide --data.seq_len={cfg.data.seq_len}; "
             "use a divisor of the sequence length."
+        ))  # fmt: skip
+    return errors
+
+
+def _moe_errors(model: ModelConfig) -> list[ConfigError]:
+    moe = model.moe
+    if not moe.experts:
+        return []
+    errors = []
+    for key in ("experts", "d_ff", "shared_experts"):
+        if getattr(moe, key) < 0:
+            errors.append(
+                ConfigError(f"--model.moe.{key}={getattr(moe, key)} must not be negative.")
+            )
+    if not 1 <= moe.top_k <= moe.experts:
+        errors.append(ConfigError(
+            f"--model.moe.top_k={moe.top_k} must be between 1 and --model.moe.experts="
+            f"{moe.experts}; route each token to at most as many experts as there are."
+        ))  # fmt: skip
+    if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+        errors.append(ConfigError(
+            f"--model.moe.capacity_factor={moe.capacity_factor} must be positive; use e.g. "
+            "1.25, or None for dropless routing."
+        ))  # fmt: skip
+    if moe.every < 1 or model.n_layers % moe.every:
+        errors.append(ConfigError(
+            f"--model.moe.every={moe.every} does not divide --model.n_layers={model.n_layers}; "
+            "use a divisor of the layer count (1 = every layer is MoE)."
         ))  # fmt: skip
     return errors
 

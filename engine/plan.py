@@ -171,11 +171,22 @@ def violations(
     arch = model_arch(cfg)
     if stages > 1:
         try:
-            check_pipeline(arch.n_layers, stages, plan.pipeline)
+            check_pipeline(arch.stacked_layers, stages, plan.pipeline)
         except ShardingError as e:
             errors.append(e)
             stages = 1
     errors += _batch_errors(cfg, plan, sizes, stages)
+    experts, ep = getattr(arch, "moe", None), sizes.get("expert", 1)
+    if ep > 1 and (experts is None or not experts.experts):
+        errors.append(ConfigError(
+            f"--mesh.expert={ep} splits experts, and this model has none; set "
+            "--model.moe.experts, or use --mesh.data for more data parallelism."
+        ))  # fmt: skip
+    elif ep > 1 and experts.experts % ep:
+        errors.append(ConfigError(
+            f"--model.moe.experts={experts.experts} is not divisible by --mesh.expert={ep}; "
+            f"use an expert-parallel degree that divides {experts.experts}."
+        ))  # fmt: skip
     mesh = AbstractMesh(
         tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes)
     )

@@ -7,6 +7,14 @@ import flax
 flax.config.update("flax_always_shard_variable", False)
 
 from models.llama import LLAMA_PRESETS, Llama, LlamaConfig  # noqa: E402
+from models.moe import MoEConfig  # noqa: E402
 from models.vision import ClassifierConfig, MLPClassifier  # noqa: E402
 
-__all__ = ["LLAMA_PRESETS", "ClassifierConfig", "Llama", "LlamaConfig", "MLPClassifier"]
+__all__ = [
+    "LLAMA_PRESETS",
+    "ClassifierConfig",
+    "Llama",
+    "LlamaConfig",
+    "MLPClassifier",
+    "MoEConfig",
+]

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from models.layers import FEED_FORWARD, RMSNorm, attention, param, remat_policy, rotary, zeros
+from models.moe import MoEConfig
 from sharding import constrain
 
 
@@ -45,13 +46,38 @@ class LlamaConfig:
     qkv_bias: bool = False
     """Biases on the query, key and value projections (Qwen2)."""
     feed_forward: str = "swiglu"
-    """The feed-forward block, by name in models.layers.FEED_FORWARD."""
+    """The feed-forward block of dense layers, by name in models.layers.FEED_FORWARD."""
+    moe: MoEConfig = MoEConfig()
+    """Mixture-of-Experts layers (models.moe); experts=0: none."""
 
-    def matmul_params(self) -> int:
-        """Weights that enter a matmul per token (the embedding lookup does not; the head does)."""
+    def __post_init__(self):
+        if isinstance(self.moe, dict):  # from a config.json
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
+
+    @property
+    def stacked_layers(self) -> int:
+        """Steps of the layer scan: layers, or groups of `moe.every` layers."""
+        return self.n_layers // self.moe.every if self.moe.experts else self.n_layers
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.moe.is_moe(i) for i in range(self.n_layers))
+
+    def _ffn_params(self, active: bool) -> int:
+        """Feed-forward weights over all layers; `active`: only those one token goes through."""
+        moe, d = self.moe, self.d_model
+        sparse = self.moe_layers
+        expert = 3 * d * moe.expert_d_ff(self.d_ff)
+        routed = moe.top_k if active else moe.experts
+        per_moe_layer = d * moe.experts + expert * (routed + moe.shared_experts)
+        return (self.n_layers - sparse) * 3 * d * self.d_ff + sparse * per_moe_layer
+
+    def matmul_params(self, active: bool = True) -> int:
+        """Weights that enter a matmul per token (the embedding lookup does not; the head does);
+        of an MoE's experts only the top_k a token is routed to, unless `active` is False."""
         attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        mlp = 3 * self.d_model * self.d_ff
-        return self.n_layers * (attn + mlp) + self.d_model * self.vocab_size
+        ffn = self._ffn_params(active)
+        return self.n_layers * attn + ffn + self.d_model * self.vocab_size
 
     def num_params(self) -> int:
         norms = (2 * self.n_layers + 1) * self.d_model
@@ -60,10 +86,11 @@ class LlamaConfig:
             self.n_layers * self.head_dim * (self.n_heads + 2 * self.n_kv_heads) * self.qkv_bias
         )
         embed = 0 if self.tie_embeddings else self.vocab_size * self.d_model
-        return self.matmul_params() + embed + norms
+        return self.matmul_params(active=False) + embed + norms
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per matmul weight, plus causal attention (half of T^2)."""
+        """Training FLOPs per token: 6 per active matmul weight, plus causal attention (half
+        of T^2)."""
         attention = 6 * self.n_layers * seq_len * self.n_heads * self.head_dim
         return 6 * self.matmul_params() + attention
 
@@ -94,6 +121,31 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
         d_ff=8192,
         rope_theta=500_000.0,
         tie_embeddings=True,
+    ),
+    # CPU tests of MoE: `tiny` with 8 experts of width 64, two per token.
+    "tiny_moe": LlamaConfig(
+        d_model=64,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=4,
+        head_dim=8,
+        d_ff=128,
+        moe=MoEConfig(experts=8, top_k=2, d_ff=64),
+    ),
+    # The quick-start model with 8 experts of half its MLP width, two per token: the same
+    # active parameters per token as `default` (0.82M), 3.1x the total.
+    "moe": LlamaConfig(moe=MoEConfig(experts=8, top_k=2, d_ff=192)),
+    # Mixtral 8x7B shapes (46.7B parameters, 12.9B active per token).
+    "mixtral_8x7b": LlamaConfig(
+        vocab_size=32_000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=14_336,
+        rope_theta=1_000_000.0,
+        moe=MoEConfig(experts=8, top_k=2, aux_loss_weight=0.02),
     ),
     # Llama 3 8B shapes.
     "8b": LlamaConfig(
@@ -130,7 +182,7 @@ def rope_frequencies(cfg: LlamaConfig):
 class Block(nnx.Module):
     """One decoder layer: pre-norm attention then a pre-norm feed-forward block, both residual."""
 
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, attention: str = "xla"):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, attention: str = "xla", moe=False):
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std, out_std = 0.02, 0.02 / (2 * cfg.n_layers) ** 0.5
         self.cfg, self.attention = cfg, attention
@@ -147,7 +199,7 @@ class Block(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps, "head_dim")
             self.k_norm = RMSNorm(hd, cfg.norm_eps, "head_dim")
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
-        self.mlp = FEED_FORWARD[cfg.feed_forward](cfg, rngs)
+        self.mlp = FEED_FORWARD["moe" if moe else cfg.feed_forward](cfg, rngs)
 
     def _project(self, h, w, bias, norm):
         y = jnp.einsum("btd,dhk->bthk", h, w[...])
@@ -190,6 +242,54 @@ class Block(nnx.Module):
         return (x, aux) if cache is None else (x, aux, (k, v))
 
 
+def stack(n: int, make, name: str = "layers"):
+    """`n` modules from `make(rngs)` stacked on a leading dimension named `name`."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: name})
+    def build(rngs):
+        return make(rngs)
+
+    return build
+
+
+class Group(nnx.Module):
+    """`every` consecutive layers with one scan step: every-1 dense blocks, then an MoE block.
+    Same call as a Block; a cache has a leading dimension of `every` layers."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, attention: str = "xla"):
+        self.dense = stack(cfg.moe.every - 1, lambda r: Block(cfg, r, attention), "sublayers")(rngs)
+        self.moe = Block(cfg, rngs, attention, moe=True)
+
+    def __call__(self, x, positions, segments=None, cache=None):
+        graphdef, stacked = nnx.split(self.dense)
+        if cache is None:
+
+            def dense(x, params):
+                return nnx.merge(graphdef, params)(x, positions, segments)[0], None
+
+            x, _ = jax.lax.scan(dense, x, stacked)
+            return self.moe(x, positions, segments)
+        k_all, v_all, start = cache
+
+        def dense_cached(x, inputs):
+            params, k, v = inputs
+            x, _, kv = nnx.merge(graphdef, params)(x, positions, segments, (k, v, start))
+            return x, kv
+
+        x, (k, v) = jax.lax.scan(dense_cached, x, (stacked, k_all[:-1], v_all[:-1]))
+        x, aux, (k_last, v_last) = self.moe(x, positions, segments, (k_all[-1], v_all[-1], start))
+        return x, aux, (jnp.concatenate([k, k_last[None]]), jnp.concatenate([v, v_last[None]]))
+
+
+def make_layers(cfg: LlamaConfig, rngs: nnx.Rngs, attention: str = "xla"):
+    """The stacked layers: one Block per layer, or one Group per `moe.every` layers."""
+    moe = cfg.moe
+    if moe.experts and moe.every > 1:
+        return stack(cfg.n_layers // moe.every, lambda r: Group(cfg, r, attention))(rngs)
+    return stack(cfg.n_layers, lambda r: Block(cfg, r, attention, moe=moe.experts > 0))(rngs)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScanLayers:
     """Run stacked layers in order with `lax.scan`: one compiled layer body for any depth.
@@ -218,13 +318,7 @@ class Llama(nnx.Module):
     ):
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 0.02)
-
-        @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_layers(rngs):
-            return Block(cfg, rngs, attention)
-
-        self.layers = make_layers(rngs)
+        self.layers = make_layers(cfg, rngs, attention)
         # How the stack runs; parallelism may swap it (sharding.pipeline), the layers stay.
         self.layer_runner = ScanLayers(remat)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -250,6 +344,10 @@ class Llama(nnx.Module):
         its length, start 0), then one token at a time. Returns (logits, (k, v))."""
         k_all, v_all, start = cache
         graphdef, stacked = nnx.split(self.layers)
+        shape = k_all.shape
+        steps = jax.tree.leaves(stacked)[0].shape[0]  # layers, or groups of layers
+        if steps != shape[0]:  # groups of layers: [groups, layers per group, ...]
+            k_all, v_all = (c.reshape(steps, -1, *shape[1:]) for c in (k_all, v_all))
 
         def layer(x, inputs):
             params, k, v = inputs
@@ -257,7 +355,7 @@ class Llama(nnx.Module):
             return x, kv
 
         x, (k_all, v_all) = jax.lax.scan(layer, self._embed(tokens), (stacked, k_all, v_all))
-        return self.logits(x), (k_all, v_all)
+        return self.logits(x), (k_all.reshape(shape), v_all.reshape(shape))
 
     def _embed(self, tokens):
         # Gather whole rows: a lookup into a table split along `embed` reshards badly.

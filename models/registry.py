@@ -62,6 +62,15 @@ def family(name: str) -> ModelFamily:
     return FAMILIES[name]
 
 
+def _llama_aux_weights(arch: LlamaConfig) -> dict[str, float]:
+    moe = arch.moe
+    return (
+        {"moe_aux_loss": moe.aux_loss_weight, "moe_z_loss": moe.z_loss_weight}
+        if moe.experts
+        else {}
+    )
+
+
 def _llama(arch: LlamaConfig, rngs, *, remat: str = "none", attention: str = "xla") -> Llama:
     return Llama(arch, rngs, remat=remat, attention=attention)
 
@@ -79,6 +88,7 @@ LLAMA = register(
         llama_hf.config_from_hf,
         llama_hf.config_to_hf,
         llama_hf.TENSORS,
+        aux_weights=_llama_aux_weights,
     ),
     "mistral",
     "qwen2",  # recognised so that config_from_hf can say what it lacks (q/k/v biases)

@@ -3,6 +3,7 @@
 Nothing here knows a particular model; models know nothing of meshes.
 """
 
+from sharding.experts import route_to_experts
 from sharding.mesh import (
     AXES,
     MESH_AXES,
@@ -57,6 +58,7 @@ __all__ = [
     "override_rules",
     "process_block",
     "restage",
+    "route_to_experts",
     "stages_of",
     "tree_shardings",
     "unstage",

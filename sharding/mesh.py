@@ -35,6 +35,11 @@ class MeshAxis:
 # Mesh order: devices are laid out row-major in this order (data-parallel axes first, so that
 # each process holds one block of the batch).
 AXES: tuple[MeshAxis, ...] = (
+    # Whole experts per device; outside the MoE blocks one more data-parallel axis. First in
+    # the mesh and the batch, so that an expert shard's rows are one block (shard_map's
+    # layout) and each process still holds one block of the batch.
+    MeshAxis("expert", "Expert parallel: whole experts per device (E/ep each); the batch "
+             "splits over it too.", ("expert", "batch"), leads=("batch",)),
     MeshAxis("data", "Data parallel: replicas that split the batch.", ("batch",), default=-1),
     MeshAxis("fsdp", "ZeRO-3: splits the batch and every weight's embed dimension.",
              ("batch", "embed")),
