@@ -1,5 +1,5 @@
 """Hugging Face interop: directories (config.json + safetensors) of any registered family
-(models.registry: llama, mistral) in and out.
+(models.registry: llama, mistral, qwen2, qwen3, mixtral, qwen3_moe) in and out.
 
     from engine import hf
     model = hf.load("path/to/Llama-3.2-1B")        # Flax NNX module; model(tokens) -> logits
@@ -135,7 +135,7 @@ def family_of(c: dict, where: str = "config.json") -> ModelFamily:
         hf_kinds = sorted(k for k, f in FAMILIES.items() if f.from_hf is not None)
         raise ConfigError(
             f"{where}: model_type '{kind}' is not supported; shardtrain imports "
-            f"{', '.join(hf_kinds)} (mistral without sliding window)."
+            f"{', '.join(hf_kinds)} (without sliding windows)."
         )
     return fam
 
@@ -150,7 +150,15 @@ def config_from_hf(c: dict, where: str = "config.json"):
 
 
 def _family(cfg) -> ModelFamily:
-    return next(f for f in FAMILIES.values() if isinstance(cfg, f.config) and f.tensors)
+    """The registered family whose Hugging Face layout holds `cfg`."""
+    for fam in FAMILIES.values():
+        if isinstance(cfg, fam.config) and fam.tensors and fam.holds(cfg):
+            return fam
+    raise ConfigError(
+        "No Hugging Face model type holds this architecture (e.g. --model.moe.every > 1, "
+        "shared experts, a capacity factor, or q/k/v biases with q/k norms); export supports "
+        "what engine.hf imports."
+    )
 
 
 def _indices(template: str) -> list[str]:

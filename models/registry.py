@@ -9,6 +9,7 @@ count, which metrics and benchmarks share. Adding a family is one `register` cal
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,8 @@ class ModelFamily:
     sequence_model: bool = True
     """Has a stack of layers over a sequence (pipelines, generation, loss chunks)."""
     aux_weights: Callable[[Any], dict[str, float]] = lambda arch: {}
+    holds: Callable[[Any], bool] = lambda arch: True
+    """(arch) -> whether this family's Hugging Face layout holds `arch` exactly (export)."""
     """(arch) -> {aux name: weight}: the layers' aux values the train step adds to the loss
     (an MoE balance loss, say); every aux value is logged either way."""
 
@@ -79,20 +82,27 @@ def _classifier(arch: ClassifierConfig, rngs, **plan) -> MLPClassifier:
     return MLPClassifier(arch, rngs)
 
 
-LLAMA = register(
-    ModelFamily(
-        "llama",
-        LlamaConfig,
-        _llama,
-        LlamaConfig.flops_per_token,
-        llama_hf.config_from_hf,
-        llama_hf.config_to_hf,
-        llama_hf.TENSORS,
-        aux_weights=_llama_aux_weights,
-    ),
-    "mistral",
-    "qwen2",  # recognised so that config_from_hf can say what it lacks (q/k/v biases)
-)
+def _llama_kind(kind: str, *aliases: str) -> ModelFamily:
+    return register(
+        ModelFamily(
+            kind,
+            LlamaConfig,
+            _llama,
+            LlamaConfig.flops_per_token,
+            llama_hf.config_from_hf,
+            functools.partial(llama_hf.config_to_hf, kind=kind),
+            llama_hf.tensors(kind),
+            aux_weights=_llama_aux_weights,
+            holds=lambda arch: llama_hf.kind_of(arch) == kind,
+        ),
+        *aliases,
+    )
+
+
+# One module, several Hugging Face layouts: what differs is data (models/llama_hf.py).
+LLAMA = _llama_kind("llama")
+for _kind in ("mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"):
+    _llama_kind(_kind)
 MLP = register(
     ModelFamily(
         "mlp_classifier",

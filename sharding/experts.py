@@ -61,7 +61,14 @@ def route_to_experts(
         return _per_device(x, experts, gates, weights, grouped, batched, num_experts, capacity)
 
     rules = _current_rules.get()
-    token_spec = logical_to_spec(("batch", None, None), rules, mesh)
+    # The batch axes that divide this batch (a small generation batch may not split at all;
+    # tokens replicated over an expert axis still reach every expert, each copy once).
+    token_axes, ways = [], 1
+    for a in _axes(logical_to_spec(("batch",), rules, mesh)[0]):
+        if x.shape[0] % (ways * mesh.shape[a]) == 0:
+            token_axes.append(a)
+            ways *= mesh.shape[a]
+    token_spec = P(tuple(token_axes) or None, None, None)
     kept = lambda names: tuple(  # noqa: E731
         s if n in ("expert", hidden) else None
         for n, s in zip(names, logical_to_spec(names, rules, mesh), strict=True)
@@ -75,7 +82,7 @@ def route_to_experts(
         )
     )  # fmt: skip
     ep = math.prod(mesh.shape[a] for a in expert_axes)
-    token_axes = _axes(token_spec[0])
+    copies = tuple(a for a in expert_axes if a not in token_axes)
 
     def body(x, experts, gates, weights):
         y, dropped = _per_device(
@@ -84,16 +91,24 @@ def route_to_experts(
         )  # fmt: skip
         if reduce_axes:
             y = jax.lax.psum(y, reduce_axes)
+        if copies:  # identical copies: say so (pmean is exact for equal values)
+            y, dropped = jax.lax.pmean((y, dropped), copies)
         return y, jax.lax.psum(dropped, token_axes) if token_axes else dropped
 
-    return jax.shard_map(
+    dtype, weights = x.dtype, tuple(weights)
+    if jax.default_backend() == "cpu":
+        # XLA:CPU aborts compiling the bf16 all-reduces this implies (AllReducePromotion,
+        # jax 0.10): on a CPU the block's collectives and gradients reduce in fp32.
+        x, gates, weights = jax.tree.map(lambda a: a.astype(jnp.float32), (x, gates, weights))
+    y, dropped = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(token_spec, token_spec, token_spec, weight_specs),
         out_specs=(token_spec, P()),
         axis_names=set(manual),
         check_vma=True,
-    )(x, experts, gates, tuple(weights))
+    )(x, experts, gates, weights)
+    return y.astype(dtype), dropped
 
 
 def _per_device(x, experts, gates, weights, grouped, batched, num_experts, capacity,

@@ -58,7 +58,14 @@ def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"]
     config = json.loads((run_dir / "config.json").read_text())
     # The axis sizes, and whether the planner chose them (--mesh.auto, issue 15).
-    assert config["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "pipeline": 1, "auto": False}
+    assert config["mesh"] == {
+        "expert": 1,
+        "data": 2,
+        "fsdp": 2,
+        "tensor": 2,
+        "pipeline": 1,
+        "auto": False,
+    }
     assert config["steps"] == 6 and config["model"]["d_model"] == 64
     tb_losses = tensorboard_scalars(run_dir, "loss")
     assert tb_losses == pytest.approx([r["loss"] for r in records], rel=1e-6)

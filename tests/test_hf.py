@@ -120,7 +120,7 @@ def test_loads_straight_into_a_sharded_mesh(tmp_path):
     "change, message",
     [
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
-        ({"model_type": "qwen2"}, "'qwen2' has q/k/v projection biases"),
+        ({"kv_lora_rank": 512}, "kv_lora_rank=512 is not supported"),
         ({"attention_bias": True}, "attention_bias=True is not supported"),
         ({"hidden_act": "gelu"}, "hidden_act=gelu is not supported"),
         ({"num_hidden_layers": 4}, "tensor 'model.layers.3.input_layernorm.weight' is missing"),

@@ -25,7 +25,8 @@ TINY_MOE = ModelConfig.of(LLAMA_PRESETS["tiny_moe"])
 
 def moe_config(run_dir, mesh=None, **overrides):
     overrides.setdefault("model", TINY_MOE)
-    return tiny_config(run_dir, mesh, steps=STEPS, **overrides)
+    overrides.setdefault("steps", STEPS)
+    return tiny_config(run_dir, mesh, **overrides)
 
 
 def losses(records, key="loss"):
@@ -270,3 +271,30 @@ def test_experts_not_divisible_by_the_expert_axis_is_one_sentence(tmp_path):
     dense = tiny_config(tmp_path, dict(data=2, expert=4))
     (error,) = violations(dense, Plan.from_config(dense), 8, "cpu")
     assert "this model has none" in str(error)
+
+
+def test_resume_onto_another_expert_size(tmp_path, one_device):
+    """Checkpoints hold whole experts in one layout: a run saved on expert=4 resumes on
+    expert=2 x tensor=2 with the losses of one uninterrupted device."""
+    from engine.callbacks import Callback
+
+    class StopAfter2(Callback):
+        def on_step(self, trainer, record):
+            if record["step"] == 2:
+                trainer.stop_reason = "stopped after step 2 for the test"
+
+    keep = dataclasses.replace(tiny_config(tmp_path).checkpoint, final=True)
+    first = train(moe_config(tmp_path, dict(data=2, expert=4), checkpoint=keep),
+                  callbacks=[StopAfter2()])  # fmt: skip
+    rest = train(moe_config(tmp_path, dict(data=2, expert=2, tensor=2), checkpoint=keep))
+    assert [r["step"] for r in rest] == [3, 4]
+    np.testing.assert_allclose(losses(first + rest), one_device, rtol=1e-5)
+
+
+def test_bf16_moe_tracks_fp32_on_data_and_expert_meshes(tmp_path):
+    fp32 = losses(train(moe_config(tmp_path / "a", dict(data=8), steps=6)))
+    for mesh in (dict(data=8), dict(data=2, expert=4)):
+        name = "x".join(map(str, mesh.values()))
+        bf16 = losses(train(moe_config(tmp_path / name, mesh, steps=6, precision="bf16")))
+        assert np.all(np.isfinite(bf16))
+        np.testing.assert_allclose(bf16, fp32, rtol=0.03)
