@@ -244,8 +244,8 @@ def test_a_plans_flags_give_the_same_plan():
 
     cfg = parse_args(["--config", "tiny"])
     plan = Plan.from_config(
-        cfg, mesh={"expert": 1, "data": 2, "fsdp": 2, "tensor": 2, "pipeline": 1}, remat="save:attn_out",
-        microbatches=2, loss_chunks=4, precision="bf16",
+        cfg, mesh={"expert": 1, "data": 2, "fsdp": 2, "tensor": 2, "pipeline": 1},
+        remat="save:attn_out", microbatches=2, loss_chunks=4, precision="bf16",
         rules=Plan.from_config(parse_args(["--rule_overrides", "embed="])).rules,
     )  # fmt: skip
     again = Plan.from_config(parse_args(["--config", "tiny", *plan.flags()]))

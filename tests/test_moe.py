@@ -177,8 +177,8 @@ def test_flops_count_active_experts_and_match_xla_when_dense_equivalent(tmp_path
     base = dataclasses.replace(LLAMA_PRESETS["small"], n_layers=1)
     moe = dataclasses.replace(base, moe=MoEConfig(experts=1, top_k=1))
     assert moe.matmul_params() == base.matmul_params() + base.d_model
-    cfg = tiny_config(tmp_path, dict(data=1), model=ModelConfig.of(moe), batch_size=8,
-                      data=dataclasses.replace(tiny_config(tmp_path).data, seq_len=256))  # fmt: skip
+    data = dataclasses.replace(tiny_config(tmp_path).data, seq_len=256)
+    cfg = tiny_config(tmp_path, dict(data=1), model=ModelConfig.of(moe), batch_size=8, data=data)
     run = setup(cfg, devices=jax.devices()[:1], init=False)
     cost = run.train_step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
