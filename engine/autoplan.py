@@ -74,6 +74,20 @@ def workload(cfg: Config, plan: Plan) -> Workload:
         compute_bytes=jnp.dtype(policy.compute_dtype).itemsize,
         split_name="heads" if family.sequence_model else "mlp",
         sequence_model=family.sequence_model,
+        **_routing(arch),
+    )
+
+
+def _routing(arch) -> dict:
+    """The Workload's MoE fields for an architecture with `moe` (models.MoEConfig)."""
+    moe = getattr(arch, "moe", None)
+    if moe is None or not moe.experts:
+        return {}
+    factor = moe.capacity_factor
+    return dict(
+        moe_layers=arch.moe_layers,
+        routed=moe.top_k * (factor or 1.0),
+        dropless=factor is None,
     )
 
 
@@ -209,7 +223,8 @@ def plan_search(
             cache[key] = [str(p) for p in problems]
         return cache[key]
 
-    axes = [a.name for a in base.axes]
+    # An expert axis splits only experts: a model without them is not searched over it.
+    axes = [a.name for a in base.axes if a.name != "expert" or work.moe_layers or a.name in fixed]
     fits, rejected = search(
         work, target, base.rules, base.precision, axes, REMATS, feasible, fixed
     )  # fmt: skip

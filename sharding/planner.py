@@ -94,6 +94,12 @@ class Workload:
     compute_bytes: int = 4
     split_name: str = "heads"
     sequence_model: bool = True
+    moe_layers: int = 0
+    """Layers whose tokens travel to experts (an all-to-all each way over the `expert` axis)."""
+    routed: float = 0.0
+    """Copies of each token an MoE layer sends: top_k, times the capacity factor if any."""
+    dropless: bool = True
+    """Dropless routing's send buffers have room for every copy per peer (ep x the bytes)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +209,7 @@ def candidates(
 def shard_bytes(leaves: Sequence[Leaf], rules: Rules, sizes: Mapping[str, int]) -> dict:
     """Per-device bytes of the state's shards: all of it, the params, and of those the
     stacked layers' (named `layers`) and the vocabulary tables (named `vocab`)."""
-    out = dict.fromkeys(("state", "params", "layers", "tables"), 0.0)
+    out = dict.fromkeys(("state", "params", "layers", "tables", "experts"), 0.0)
     for leaf in leaves:
         spec = logical_to_spec(leaf.names, rules)
         used: set[str] = set()
@@ -219,6 +225,7 @@ def shard_bytes(leaves: Sequence[Leaf], rules: Rules, sizes: Mapping[str, int]) 
             out["params"] += n
             out["layers"] += n if "layers" in leaf.names else 0
             out["tables"] += n if "vocab" in leaf.names else 0
+            out["experts"] += n if "expert" in leaf.names else 0
     return out
 
 
@@ -323,6 +330,22 @@ def estimate(
     if data > 1:
         collectives["data"] = (2 * state["params"] * (data - 1) / data * c.microbatches,
                                c.microbatches)  # fmt: skip
+    ep = sizes.get("expert", 1)
+    if ep > 1:
+        # The experts' tokens: dispatch and combine, forward and backward (and remat's
+        # recomputed forward); the other weights' gradients all-reduce over it like data's.
+        passes = 4 + (2 if c.remat == "full" else 0)
+        copies = micro_tokens * workload.routed * workload.width * cb
+        sent = copies * (ep - 1) if workload.dropless else copies * (ep - 1) / ep
+        moved = passes * workload.moe_layers / stages * sent
+        if stages > 1:  # inside a stage each layer's experts are gathered (experts.py):
+            # every iteration runs one chunk (1/R of the stage's layers) 3 times (remat).
+            moved = 3 * iterations * state["experts"] / c.repeats * cb / 4 * (ep - 1)
+        shared = 2 * (state["params"] - state["experts"]) * (ep - 1) / ep
+        collectives["expert"] = (
+            (moved + shared) * c.microbatches,
+            (passes * workload.moe_layers // stages + 1) * c.microbatches,
+        )
     if split > 1:
         passes = 4 + (2 if c.remat == "full" else 0)
         size = micro_tokens * workload.width * cb * 2 * (split - 1) / split

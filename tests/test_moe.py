@@ -306,3 +306,40 @@ def test_bf16_moe_tracks_fp32_on_data_and_expert_meshes(tmp_path, one_device):
         bf16 = losses(train(moe_config(tmp_path / name, mesh, precision="bf16")))
         assert np.all(np.isfinite(bf16))
         np.testing.assert_allclose(bf16, one_device, rtol=0.03)
+
+
+def test_the_planner_prices_the_expert_all_to_all_by_routing(tmp_path):
+    """Dropless send buffers hold every copy per peer, so the planner charges ep x the
+    capacity path's all-to-all bytes (at capacity factor 1) and the expert axis costs time."""
+    from engine.autoplan import target_for, workload
+    from sharding.planner import Candidate, estimate
+
+    target = target_for("h100", 8)
+    seconds = {}
+    for factor in (None, 1.0):
+        model = dataclasses.replace(
+            TINY_MOE, moe=dataclasses.replace(TINY_MOE.moe, capacity_factor=factor)
+        )
+        cfg = moe_config(tmp_path, model=model)
+        plan = Plan.from_config(cfg)
+        load = workload(cfg, plan)
+        assert (load.moe_layers, load.routed, load.dropless) == (2, 2.0, factor is None)
+        est = estimate(load, Candidate({"expert": 8}, "none"), target, plan.rules, "fp32")
+        seconds[factor] = est.times_s["expert"]
+        assert "expert" not in estimate(load, Candidate({"data": 8}, "none"), target,
+                                        plan.rules, "fp32").times_s  # fmt: skip
+    assert seconds[None] > seconds[1.0] > 0
+
+
+def test_generation_from_a_cache_equals_recomputing_with_grouped_layers():
+    """every=2 stacks (dense, MoE) pairs: the KV cache is split per group and rejoined."""
+    from engine.generate import Sampling, generate
+    from models import Llama
+
+    arch = dataclasses.replace(
+        LLAMA_PRESETS["tiny_moe"], n_layers=4, moe=dataclasses.replace(TINY_MOE.moe, every=2)
+    )
+    model = Llama(arch, nnx.Rngs(0))
+    prompt = np.random.default_rng(0).integers(1, 256, (2, 5))
+    cached = generate(model, prompt, Sampling(max_new_tokens=6))
+    np.testing.assert_array_equal(cached, generate(model, prompt, Sampling(6), use_cache=False))
