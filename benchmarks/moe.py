@@ -2,8 +2,9 @@
 expert load balance with and without the auxiliary loss.
 
     python benchmarks/moe.py --part memory    # Mixtral 8x7B shapes, ep = 1, 2, 4, 8 (8 devices)
-    python benchmarks/moe.py --part step      # `moe` preset: dropless vs capacity vs dense
-    python benchmarks/moe.py --part balance   # expert load over 200 steps, aux weight 0 / 0.01
+    python benchmarks/moe.py --part step      # `moe` preset: dropless, capacity, dense
+    python benchmarks/moe.py --part balance --steps 60  # expert load, aux weight 0 / 0.01
+    python benchmarks/moe.py --part kernel    # ragged_dot against dense matmuls, same FLOPs
 
 memory: per-device bytes of the expert weights and their AdamW moments, from the shardings of
 the compiled state (nothing allocated); goal: they fall as 1/ep within 5 %. With --compile, also
@@ -32,6 +33,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -142,15 +144,44 @@ def part_balance(args):
               f"| aux loss last {aux[-1]:.3f} | final loss {records[-1]['loss']:.4f}")  # fmt: skip
 
 
+def part_kernel(args):
+    """One grouped matmul against the same FLOPs as one dense matmul and as batched
+    per-expert matmuls: what routing's expert compute costs on this backend."""
+    m, d, f, e = 4096, 128, 192, 8
+    x = jax.random.normal(jax.random.key(0), (m, d))
+    w = jax.random.normal(jax.random.key(1), (e, d, f))
+    sizes = jnp.full((e,), m // e)
+    kernels = {
+        "ragged_dot (grouped)": jax.jit(lambda x, w: jax.lax.ragged_dot(x, w, sizes)),
+        "one dense dot": jax.jit(lambda x, w: x @ w[0]),
+        "batched per expert": jax.jit(
+            lambda x, w: jnp.einsum("ecd,edf->ecf", x.reshape(e, m // e, d), w)
+        ),
+    }
+    print(f"{jax.devices()[0].device_kind}: [{m}, {d}] rows in {e} equal groups x [{d}, {f}]")
+    for name, fn in kernels.items():
+        fn(x, w).block_until_ready()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            fn(x, w).block_until_ready()
+        print(f"{name:>22} {(time.perf_counter() - start) / args.steps * 1e3:8.3f} ms")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("memory", "step", "balance"), required=True)
+    parser.add_argument("--part", choices=("memory", "step", "balance", "kernel"), required=True)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args()
-    {"memory": part_memory, "step": part_step, "balance": part_balance}[args.part](args)
+    parts = {
+        "memory": part_memory,
+        "step": part_step,
+        "balance": part_balance,
+        "kernel": part_kernel,
+    }
+    parts[args.part](args)
 
 
 if __name__ == "__main__":
