@@ -6,10 +6,10 @@ expert load balance with and without the auxiliary loss.
     python benchmarks/moe.py --part balance --steps 60  # expert load, aux weight 0 / 0.01
     python benchmarks/moe.py --part kernel    # ragged_dot against dense matmuls, same FLOPs
 
-memory: per-device bytes of the expert weights and their AdamW moments, from the shardings of
-the compiled state (nothing allocated); goal: they fall as 1/ep within 5 %. With --compile, also
-XLA's plan for the whole step (Mixtral's 32 layers compile in minutes on a CPU; --layers N
-shrinks the depth).
+memory: per-device bytes of the expert weights and their AdamW moments, from the shardings the
+rules give (nothing allocated); goal: they fall as 1/ep within 5 %. With --compile, also XLA's
+plan for the whole step, compiled ahead of time (5-7 s each on a CPU; --layers N changes the
+depth).
 step: median train-step time on one device of the `moe` preset (8 experts, top-2, the same
 active parameters per token as `default`) dropless and with capacity factor 1.25, against the
 dense `default` preset; ratios printed side by side.

@@ -97,3 +97,21 @@ def test_a_dead_peer_stops_the_other_process_within_the_heartbeat_bound(tmp_path
     assert procs[0].returncode != 0
     assert time.time() - killed < 30  # heartbeat 10 s, plus slack for a loaded CI machine
     assert "Another process probably failed or lost contact" in err or "another task died" in err
+
+
+def test_experts_split_across_two_processes_train_like_one(tmp_path):
+    """The expert axis spans both processes: tokens cross them by all-to-all (gloo)."""
+    run = ["--config", "tiny", "--eval_every=0", "--model.moe.experts=8", "--model.moe.d_ff=64",
+           "--mesh.data=2", "--mesh.expert=4", "--steps=4"]  # fmt: skip
+    one = cli(*run, f"--run_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "engine.launch", "--processes=2", "--", *run,
+         f"--run_dir={tmp_path / 'two'}"],
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes" in two.stdout
+    want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
