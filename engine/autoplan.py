@@ -158,7 +158,7 @@ def _saved_bytes(cfg: Config, model: nnx.Module, dtype, remat: str) -> tuple[flo
 def to_plan(c: Candidate, base: Plan) -> Plan:
     return dataclasses.replace(
         base,
-        mesh=dict(c.mesh),
+        mesh={a.name: c.mesh.get(a.name, 1) for a in base.axes},  # unsearched axes: 1
         remat=c.remat,
         microbatches=c.microbatches,
         pipeline=PipelineConfig(c.pipeline_microbatches, c.repeats),

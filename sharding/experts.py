@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sharding.rules import _current_rules, logical_to_spec
+from sharding.rules import current_rules, logical_to_spec
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -60,7 +60,7 @@ def route_to_experts(
         # each layer's experts instead of moving tokens.
         return _per_device(x, experts, gates, weights, grouped, batched, num_experts, capacity)
 
-    rules = _current_rules.get()
+    rules = current_rules()
     # The batch axes that divide this batch (a small generation batch may not split at all;
     # tokens replicated over an expert axis still reach every expert, each copy once).
     token_axes, ways = [], 1
@@ -91,7 +91,7 @@ def route_to_experts(
         )  # fmt: skip
         if reduce_axes:
             y = jax.lax.psum(y, reduce_axes)
-        if copies:  # identical copies: say so (pmean is exact for equal values)
+        if copies:  # identical copies on these axes: their mean says so to shard_map
             y, dropped = jax.lax.pmean((y, dropped), copies)
         return y, jax.lax.psum(dropped, token_axes) if token_axes else dropped
 

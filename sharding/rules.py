@@ -61,6 +61,11 @@ _current_rules: contextvars.ContextVar[Rules] = contextvars.ContextVar(
 )
 
 
+def current_rules() -> Rules:
+    """The table `constrain` uses now (set by `axis_rules`)."""
+    return _current_rules.get()
+
+
 @contextlib.contextmanager
 def axis_rules(rules: Rules) -> Iterator[None]:
     """Make `rules` the table that `constrain` uses while tracing a model."""
