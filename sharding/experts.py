@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sharding.rules import current_rules, logical_to_spec
+from sharding.rules import current_rules, dividing, logical_to_spec
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -63,12 +63,8 @@ def route_to_experts(
     rules = current_rules()
     # The batch axes that divide this batch (a small generation batch may not split at all;
     # tokens replicated over an expert axis still reach every expert, each copy once).
-    token_axes, ways = [], 1
-    for a in _axes(logical_to_spec(("batch",), rules, mesh)[0]):
-        if x.shape[0] % (ways * mesh.shape[a]) == 0:
-            token_axes.append(a)
-            ways *= mesh.shape[a]
-    token_spec = P(tuple(token_axes) or None, None, None)
+    token_axes = _axes(dividing(logical_to_spec(("batch",), rules, mesh), x.shape, mesh)[0])
+    token_spec = P(token_axes or None, None, None)
     kept = lambda names: tuple(  # noqa: E731
         s if n in ("expert", hidden) else None
         for n, s in zip(names, logical_to_spec(names, rules, mesh), strict=True)

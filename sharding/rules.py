@@ -108,7 +108,23 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     spec = logical_to_spec(names, _current_rules.get(), mesh)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, dividing(spec, x.shape, mesh)))
+
+
+def dividing(spec: P, shape: Sequence[int], mesh) -> P:
+    """`spec` keeping, per dimension, the leading axes whose sizes divide it: a small batch
+    (generation) is split as far as it goes and replicated beyond, never unevenly (which
+    jax 0.11 cannot name on the way out of a jitted function)."""
+    out = []
+    for entry, size in zip(spec, shape, strict=False):
+        kept, ways = [], 1
+        for axis in () if entry is None else (entry,) if isinstance(entry, str) else entry:
+            if size % (ways * mesh.shape[axis]):
+                break
+            kept.append(axis)
+            ways *= mesh.shape[axis]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*out)
 
 
 def _names(variable: nnx.Variable) -> tuple[str | None, ...]:
