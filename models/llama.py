@@ -122,31 +122,6 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
         rope_theta=500_000.0,
         tie_embeddings=True,
     ),
-    # CPU tests of MoE: `tiny` with 8 experts of width 64, two per token.
-    "tiny_moe": LlamaConfig(
-        d_model=64,
-        n_layers=2,
-        n_heads=8,
-        n_kv_heads=4,
-        head_dim=8,
-        d_ff=128,
-        moe=MoEConfig(experts=8, top_k=2, d_ff=64),
-    ),
-    # The quick-start model with 8 experts of half its MLP width, two per token: the same
-    # active parameters per token as `default` (0.82M), 3.1x the total.
-    "moe": LlamaConfig(moe=MoEConfig(experts=8, top_k=2, d_ff=192)),
-    # Mixtral 8x7B shapes (46.7B parameters, 12.9B active per token).
-    "mixtral_8x7b": LlamaConfig(
-        vocab_size=32_000,
-        d_model=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=128,
-        d_ff=14_336,
-        rope_theta=1_000_000.0,
-        moe=MoEConfig(experts=8, top_k=2, aux_loss_weight=0.02),
-    ),
     # Llama 3 8B shapes.
     "8b": LlamaConfig(
         vocab_size=128_256,
@@ -157,6 +132,27 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
         head_dim=128,
         d_ff=14_336,
         rope_theta=500_000.0,
+    ),
+}
+
+
+LLAMA_PRESETS |= {
+    # CPU tests of MoE: `tiny` with 8 experts of width 64, two per token.
+    "tiny_moe": dataclasses.replace(
+        LLAMA_PRESETS["tiny"], moe=MoEConfig(experts=8, top_k=2, d_ff=64)
+    ),
+    # The quick-start model with 8 experts of half its MLP width, two per token: the same
+    # active parameters per token as `default` (0.82M), 3.1x the total.
+    "moe": dataclasses.replace(
+        LLAMA_PRESETS["default"], moe=MoEConfig(experts=8, top_k=2, d_ff=192)
+    ),
+    # Mixtral 8x7B: Llama 3 8B's layers with a 32k vocabulary and 8 experts in place of each
+    # MLP (46.7B parameters, 12.9B active per token).
+    "mixtral_8x7b": dataclasses.replace(
+        LLAMA_PRESETS["8b"],
+        vocab_size=32_000,
+        rope_theta=1_000_000.0,
+        moe=MoEConfig(experts=8, top_k=2, aux_loss_weight=0.02),
     ),
 }
 
@@ -262,24 +258,27 @@ class Group(nnx.Module):
         self.moe = Block(cfg, rngs, attention, moe=True)
 
     def __call__(self, x, positions, segments=None, cache=None):
-        graphdef, stacked = nnx.split(self.dense)
         if cache is None:
-
-            def dense(x, params):
-                return nnx.merge(graphdef, params)(x, positions, segments)[0], None
-
-            x, _ = jax.lax.scan(dense, x, stacked)
+            x, _ = ScanLayers()(self.dense, x, positions, segments)
             return self.moe(x, positions, segments)
         k_all, v_all, start = cache
-
-        def dense_cached(x, inputs):
-            params, k, v = inputs
-            x, _, kv = nnx.merge(graphdef, params)(x, positions, segments, (k, v, start))
-            return x, kv
-
-        x, (k, v) = jax.lax.scan(dense_cached, x, (stacked, k_all[:-1], v_all[:-1]))
+        x, (k, v) = scan_cached(self.dense, x, positions, (k_all[:-1], v_all[:-1], start), segments)
         x, aux, (k_last, v_last) = self.moe(x, positions, segments, (k_all[-1], v_all[-1], start))
         return x, aux, (jnp.concatenate([k, k_last[None]]), jnp.concatenate([v, v_last[None]]))
+
+
+def scan_cached(layers: nnx.Module, x, positions, cache, segments=None):
+    """Run stacked layers in order, each reading and extending its slice of the KV cache
+    `(k, v, start)`, k/v [layers, ...]: returns (x, (k, v))."""
+    graphdef, stacked = nnx.split(layers)
+    k_all, v_all, start = cache
+
+    def layer(x, inputs):
+        params, k, v = inputs
+        x, _, kv = nnx.merge(graphdef, params)(x, positions, segments, (k, v, start))
+        return x, kv
+
+    return jax.lax.scan(layer, x, (stacked, k_all, v_all))
 
 
 def make_layers(cfg: LlamaConfig, rngs: nnx.Rngs, attention: str = "xla"):
@@ -343,18 +342,11 @@ class Llama(nnx.Module):
         `(k, v, start)`, k/v [layers, B, max_len, kv_heads, head_dim]: the prompt once (T =
         its length, start 0), then one token at a time. Returns (logits, (k, v))."""
         k_all, v_all, start = cache
-        graphdef, stacked = nnx.split(self.layers)
-        shape = k_all.shape
-        steps = jax.tree.leaves(stacked)[0].shape[0]  # layers, or groups of layers
+        shape, steps = k_all.shape, self.cfg.stacked_layers
         if steps != shape[0]:  # groups of layers: [groups, layers per group, ...]
             k_all, v_all = (c.reshape(steps, -1, *shape[1:]) for c in (k_all, v_all))
-
-        def layer(x, inputs):
-            params, k, v = inputs
-            x, _, kv = nnx.merge(graphdef, params)(x, positions, cache=(k, v, start))
-            return x, kv
-
-        x, (k_all, v_all) = jax.lax.scan(layer, self._embed(tokens), (stacked, k_all, v_all))
+        x, (k_all, v_all) = scan_cached(self.layers, self._embed(tokens), positions,
+                                        (k_all, v_all, start))  # fmt: skip
         return self.logits(x), (k_all.reshape(shape), v_all.reshape(shape))
 
     def _embed(self, tokens):

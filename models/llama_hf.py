@@ -123,17 +123,17 @@ def config_from_hf(c: dict, where: str = "config.json") -> LlamaConfig:
 
 
 def kind_of(cfg: LlamaConfig) -> str | None:
-    """The Hugging Face model_type that holds `cfg` exactly, or None."""
+    """The Hugging Face model_type that holds `cfg` exactly (`KINDS` read backwards), or None."""
     moe = cfg.moe
-    if cfg.feed_forward != "swiglu" or (cfg.qkv_bias and (cfg.qk_norm or moe.experts)):
-        return None
-    if not moe.experts:
-        return "qwen2" if cfg.qkv_bias else "qwen3" if cfg.qk_norm else "llama"
+    has = {"qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm, "moe": moe.experts > 0}
+    kind = next((k for k, extras in KINDS.items() if extras.keys() == {f for f in has if has[f]}),
+                None)  # fmt: skip
+    if cfg.feed_forward != "swiglu" or kind is None or not moe.experts:
+        return kind
+    # HF's MoE layouts: every layer, no shared experts, dropless; Mixtral renormalizes.
     if moe.every != 1 or moe.shared_experts or moe.capacity_factor is not None:
         return None
-    if cfg.qk_norm:
-        return "qwen3_moe"
-    return "mixtral" if moe.norm_topk else None
+    return None if kind == "mixtral" and not moe.norm_topk else kind
 
 
 def config_to_hf(cfg: LlamaConfig, dtype: str, kind: str = "llama") -> dict:

@@ -105,6 +105,10 @@ def router_losses(logits, probs, experts, num_experts: int) -> Aux:
     }
 
 
+# The experts' logical names: whole experts, each an (embed -> mlp -> embed) SwiGLU.
+IN_NAMES, OUT_NAMES = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+
+
 class MoE(nnx.Module):
     """Routed SwiGLU experts (plus optional shared ones): h [B,T,D] -> (y, aux)."""
 
@@ -114,9 +118,9 @@ class MoE(nnx.Module):
         std, out_std = 0.02, 0.02 / (2 * cfg.n_layers) ** 0.5
         self.cfg = moe
         self.router = param(rngs, (d, e), ("embed", None), std)
-        self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std)
-        self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std)
-        self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), out_std)
+        self.w_gate = param(rngs, (e, d, f), IN_NAMES, std)
+        self.w_up = param(rngs, (e, d, f), IN_NAMES, std)
+        self.w_down = param(rngs, (e, f, d), OUT_NAMES, out_std)
         if moe.shared_experts:
             shared = dataclasses.replace(cfg, d_ff=moe.shared_experts * f)
             self.shared = SwiGLU(shared, rngs)
@@ -134,7 +138,7 @@ class MoE(nnx.Module):
             experts,
             weights.astype(h.dtype),
             (self.w_gate[...], self.w_up[...], self.w_down[...]),
-            (("expert", "embed", "mlp"),) * 2 + (("expert", "mlp", "embed"),),
+            (IN_NAMES, IN_NAMES, OUT_NAMES),
             swiglu_grouped,
             swiglu_batched,
             capacity=moe.capacity(h.shape[1]),

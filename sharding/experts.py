@@ -26,11 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sharding.rules import current_rules, dividing, logical_to_spec
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+from sharding.rules import axes_of, current_rules, dividing, logical_to_spec
 
 
 def route_to_experts(
@@ -63,18 +59,18 @@ def route_to_experts(
     rules = current_rules()
     # The batch axes that divide this batch (a small generation batch may not split at all;
     # tokens replicated over an expert axis still reach every expert, each copy once).
-    token_axes = _axes(dividing(logical_to_spec(("batch",), rules, mesh), x.shape, mesh)[0])
+    token_axes = axes_of(dividing(logical_to_spec(("batch",), rules, mesh), x.shape, mesh)[0])
     token_spec = P(token_axes or None, None, None)
     kept = lambda names: tuple(  # noqa: E731
         s if n in ("expert", hidden) else None
         for n, s in zip(names, logical_to_spec(names, rules, mesh), strict=True)
     )
     weight_specs = tuple(P(*kept(names)) for names in weight_names)
-    expert_axes = _axes(weight_specs[0][0])
+    expert_axes = axes_of(weight_specs[0][0])
     reduce_axes = tuple(
         dict.fromkeys(
             a for names, spec in zip(weight_names, weight_specs, strict=True)
-            for n, s in zip(names, spec, strict=False) if n == hidden for a in _axes(s)
+            for n, s in zip(names, spec, strict=False) if n == hidden for a in axes_of(s)
         )
     )  # fmt: skip
     ep = math.prod(mesh.shape[a] for a in expert_axes)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from sharding.devices import DeviceSpec
 from sharding.pipeline import PipelineConfig, bubble as pipeline_bubble
-from sharding.rules import Rules, logical_to_spec, splitting_axes
+from sharding.rules import Rules, axes_of, logical_to_spec, splitting_axes
 
 REMAT_RECOMPUTE = {"none": 0.0, "dots": 0.05, "dots_no_batch": 0.15, "full": 1 / 3}
 """Extra share of the layers' training FLOPs spent recomputing (full: one more forward of 6)."""
@@ -215,7 +215,7 @@ def shard_bytes(leaves: Sequence[Leaf], rules: Rules, sizes: Mapping[str, int]) 
         used: set[str] = set()
         n = 1
         for size, axes in zip(leaf.shape, spec, strict=True):
-            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            axes = axes_of(axes)
             ways = math.prod(sizes.get(a, 1) for a in axes if a not in used)
             used.update(axes)
             n *= -(-size // ways)

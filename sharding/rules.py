@@ -95,11 +95,15 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
     return P(*spec)
 
 
+def axes_of(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, an axis, or a tuple of axes)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def splitting_axes(names: Sequence[str | None], rules: Rules, sizes: Mapping[str, int]):
     """The mesh axes (of size > 1 in `sizes`) that split the last of `names`'s dimensions,
     the dimensions before it taking theirs first."""
-    spec = logical_to_spec(names, rules)[-1] or ()
-    return tuple(a for a in ((spec,) if isinstance(spec, str) else spec) if sizes.get(a, 1) > 1)
+    return tuple(a for a in axes_of(logical_to_spec(names, rules)[-1]) if sizes.get(a, 1) > 1)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -118,7 +122,7 @@ def dividing(spec: P, shape: Sequence[int], mesh) -> P:
     out = []
     for entry, size in zip(spec, shape, strict=False):
         kept, ways = [], 1
-        for axis in () if entry is None else (entry,) if isinstance(entry, str) else entry:
+        for axis in axes_of(entry):
             if size % (ways * mesh.shape[axis]):
                 break
             kept.append(axis)
@@ -172,7 +176,7 @@ def divisibility_errors(tree, mesh, rules: Rules) -> list[ShardingError]:
         for dim, (size, name, axes) in enumerate(zip(x.shape, _names(x), spec, strict=True)):
             if axes is None:
                 continue
-            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            axes = axes_of(axes)
             ways = math.prod(mesh.shape[a] for a in axes)
             if size % ways:
                 where = ".".join(str(getattr(k, "key", k)) for k in path)

@@ -63,3 +63,23 @@ def cli(*args, devices=8, background=False, module="engine.train"):
         pipe = subprocess.PIPE
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_hf_tensors(a, b) -> None:
+    """Two Hugging Face directories hold the same tensor names, dtypes and bytes."""
+    from engine.hf import Checkpoint
+
+    src, dst = Checkpoint(a), Checkpoint(b)
+    assert src.weight_map.keys() == dst.weight_map.keys()
+    for name in src.weight_map:
+        x = src.files[src.weight_map[name]].get(name)
+        y = dst.files[dst.weight_map[name]].get(name)
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), name
+
+
+def torch_logits(model, tokens):
+    """A transformers model's fp32 logits for integer `tokens` (numpy)."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.float().numpy()

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_same_hf_tensors, torch_logits
 
 from engine import hf
 from engine.config import ConfigError
@@ -34,11 +34,6 @@ def hf_model(path, dtype=None, **overrides):
     model = model.to(dtype or torch.float32).eval()
     model.save_pretrained(path, max_shard_size=shard)
     return model, path
-
-
-def torch_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.float().numpy()
 
 
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 48))
@@ -71,12 +66,7 @@ def test_round_trip_is_bitwise_and_transformers_loads_the_export(tmp_path):
     assert (path / "model.safetensors.index.json").exists()  # a sharded checkpoint
     ours = hf.load(path)
     out = hf.save(ours, tmp_path / "out", dtype="bfloat16")
-    src, dst = hf.Checkpoint(path), hf.Checkpoint(out)
-    assert src.weight_map.keys() == dst.weight_map.keys()
-    for name in src.weight_map:
-        a = src.files[src.weight_map[name]].get(name)
-        b = dst.files[dst.weight_map[name]].get(name)
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+    assert_same_hf_tensors(path, out)
 
     # Both loaded by transformers the same way (`.to(bf16)` would also round rotary buffers).
     back = transformers.LlamaForCausalLM.from_pretrained(out).eval()

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_same_hf_tensors, torch_logits
 
 from engine import hf
 from engine.config import ConfigError
@@ -46,11 +47,6 @@ def hf_model(path, kind, dtype=None, **overrides):
     return model, path
 
 
-def torch_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.float().numpy()
-
-
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_logits_and_greedy_generation_match_transformers(tmp_path, kind):
     model, path = hf_model(tmp_path / "hf", kind)
@@ -68,12 +64,7 @@ def test_logits_and_greedy_generation_match_transformers(tmp_path, kind):
 def test_bf16_round_trip_is_bitwise_and_transformers_loads_the_export(tmp_path, kind):
     model, path = hf_model(tmp_path / "hf", kind, dtype=torch.bfloat16)
     out = hf.save(hf.load(path), tmp_path / "out", dtype="bfloat16")
-    src, dst = hf.Checkpoint(path), hf.Checkpoint(out)
-    assert src.weight_map.keys() == dst.weight_map.keys()
-    for name in src.weight_map:
-        a = src.files[src.weight_map[name]].get(name)
-        b = dst.files[dst.weight_map[name]].get(name)
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+    assert_same_hf_tensors(path, out)
     assert json.loads((out / "config.json").read_text())["model_type"] == kind
     cls = getattr(transformers, f"{FAMILIES[kind][0]}ForCausalLM")
     # Both loaded by transformers the same way (`.to(bf16)` would also round rotary buffers).
