@@ -39,6 +39,8 @@ def _leaves(line) -> list:
         (e for e in line.events if e.duration_ns > 0 and not e.name.startswith(_MARKERS)),
         key=lambda e: (e.start_ns, -e.duration_ns),
     )
+    if not events:  # a line with only markers or zero-length events
+        return []
     return [
         e
         for e, after in zip(events, [*events[1:], None], strict=True)
