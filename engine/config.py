@@ -42,6 +42,13 @@ class ModelConfig(LlamaConfig):
     attention: str = "xla"
     """Attention kernel (models.layers.ATTENTION): xla (einsums) or cudnn
     (jax.nn.dot_product_attention's fused kernel; GPU, bf16/fp16 only)."""
+    context_strategy: str = "all_gather"
+    """How attention crosses a sequence split over --mesh.context (sharding.context):
+    all_gather (gather keys and values; cheap with grouped-query attention) or ring (keys and
+    values travel round the devices; nothing grows with the full length)."""
+    context_load_balance: bool = True
+    """Under --mesh.context: reorder each sequence so every device holds one early and one
+    late chunk, and the causal mask gives all devices the same work."""
     loss_chunks: int = 1
     """Training: run the output layer and loss over this many pieces of the sequence, each
     recomputed in the backward pass, so [batch, length, vocab] logits never exist at once

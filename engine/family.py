@@ -29,8 +29,9 @@ def flops_per_token(cfg: Config) -> float:
 def build_model(cfg: Config, rngs: nnx.Rngs, plan, stages: int = 1) -> nnx.Module:
     """The model, with its layers split into `stages` pipeline stages when there are several."""
     model = model_family(cfg).build(
-        model_arch(cfg), rngs, remat=plan.remat, attention=plan.attention
-    )
+        model_arch(cfg), rngs, remat=plan.remat, attention=plan.attention,
+        context=plan.context_strategy,
+    )  # fmt: skip
     if stages > 1:
         apply_pipeline(model, stages, plan.pipeline)
     return model

@@ -49,6 +49,8 @@ class Plan:
     """Gradient accumulation: sequential microbatches per optimizer step."""
     pipeline: PipelineConfig = PipelineConfig()
     attention: str = "xla"
+    context_strategy: str = "all_gather"
+    context_load_balance: bool = True
     loss_chunks: int = 1
     precision: str = "fp32"
     axes: tuple[MeshAxis, ...] = AXES
@@ -63,6 +65,8 @@ class Plan:
             microbatches=cfg.optim.microbatches,
             pipeline=cfg.pipeline,
             attention=cfg.model.attention,
+            context_strategy=cfg.model.context_strategy,
+            context_load_balance=cfg.model.context_load_balance,
             loss_chunks=cfg.model.loss_chunks,
             precision=cfg.precision,
         )
@@ -77,6 +81,8 @@ class Plan:
             f"--pipeline.microbatches={self.pipeline.microbatches}",
             f"--pipeline.repeats={self.pipeline.repeats}",
             f"--model.attention={self.attention}",
+            f"--model.context_strategy={self.context_strategy}",
+            f"--model.context_load_balance={self.context_load_balance}",
             f"--model.loss_chunks={self.loss_chunks}",
             f"--precision={self.precision}",
         ]
@@ -132,8 +138,9 @@ def apply_plan(cfg: Config, plan: Plan) -> Config:
     """`cfg` with its execution-plan keys set to `plan`'s (what config.json records)."""
     mesh = dataclasses.replace(cfg.mesh, **{a.name: plan.mesh.get(a.name, 1) for a in AXES})
     model = dataclasses.replace(
-        cfg.model, remat=plan.remat, attention=plan.attention, loss_chunks=plan.loss_chunks
-    )
+        cfg.model, remat=plan.remat, attention=plan.attention, loss_chunks=plan.loss_chunks,
+        context_strategy=plan.context_strategy, context_load_balance=plan.context_load_balance,
+    )  # fmt: skip
     optim = dataclasses.replace(cfg.optim, microbatches=plan.microbatches)
     return dataclasses.replace(
         cfg, mesh=mesh, model=model, optim=optim, pipeline=plan.pipeline, precision=plan.precision

@@ -221,9 +221,9 @@ def _compile(cfg: Config, plan: Plan, devices, shapes: dict, names: dict) -> Com
     train_fn = make_train_step(
         graphdef, policy, plan.microbatches, batch_shardings["inputs"],
         skip_nonfinite=cfg.nan_policy == "skip", loss_chunks=chunks,
-        aux_weights=family.aux_weights(model_arch(cfg)),
+        aux_weights=family.aux_weights(model_arch(cfg)), load_balance=plan.context_load_balance,
     )  # fmt: skip
-    eval_fn = make_eval_step(graphdef, policy, chunks)
+    eval_fn = make_eval_step(graphdef, policy, chunks, plan.context_load_balance)
     replicated = NamedSharding(mesh, P())  # scalar metrics, readable on every host
     start = time.perf_counter()
     with jax.set_mesh(mesh), axis_rules(rules):

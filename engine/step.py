@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine.optim import adamw, learning_rate
 from engine.precision import LossScale, Policy
+from sharding.context import context_degree, reorder
 
 Batch = dict[str, jax.Array]
 
@@ -60,22 +61,28 @@ def chunked_cross_entropy(logits_fn, x, targets, mask, chunks: int):
 SUMS = ("loss_sum", "count", "correct")
 
 
-def make_losses_fn(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1):
+def make_losses_fn(
+    graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1, load_balance: bool = False
+):
     """`(params, batch) -> named values`: `loss_sum`, `count` (counted tokens) and `correct`
     (argmax predictions), summed over the batch; then each named aux value the layers report
     (averaged over layers), e.g. an MoE balance loss.
 
     A sequence model (`features(inputs, segments, positions) -> (x, aux)`, then `logits(x)`)
-    may run its output layer in `loss_chunks` pieces; any other model is `model(inputs)`."""
+    may run its output layer in `loss_chunks` pieces; any other model is `model(inputs)`.
+    With `load_balance` and the sequence split over devices, each sequence is first reordered
+    (sharding.context.reorder): the sums are unchanged, the causal work evens out."""
 
     def losses_fn(params, batch: Batch) -> dict[str, jax.Array]:
         model = nnx.merge(graphdef, policy.cast_to_compute(params))
-        inputs = policy.cast_to_compute(batch["inputs"])
         if not hasattr(model, "features"):
-            logits = policy.cast_to_output(model(inputs))
+            logits = policy.cast_to_output(model(policy.cast_to_compute(batch["inputs"])))
             return dict(
                 zip(SUMS, cross_entropy(logits, batch["targets"], batch["mask"]), strict=True)
             )
+        if load_balance and context_degree() > 1:
+            batch = reorder(batch, context_degree())
+        inputs = policy.cast_to_compute(batch["inputs"])
         features, aux = model.features(inputs, batch.get("segments"), batch.get("positions"))
         logits_fn = lambda x: policy.cast_to_output(model.logits(x))  # noqa: E731
         targets, mask = batch["targets"], batch["mask"]
@@ -94,9 +101,9 @@ def make_losses_fn(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1)
     return losses_fn
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1):
+def make_loss_fn(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1, **kwargs):
     """`(params, batch) -> (loss_sum, count, correct)`: make_losses_fn without the aux values."""
-    losses_fn = make_losses_fn(graphdef, policy, loss_chunks)
+    losses_fn = make_losses_fn(graphdef, policy, loss_chunks, **kwargs)
 
     def loss_fn(params, batch: Batch):
         values = losses_fn(params, batch)
@@ -127,6 +134,7 @@ def make_train_step(
     skip_nonfinite: bool = False,
     loss_chunks: int = 1,
     aux_weights: dict[str, float] | None = None,
+    load_balance: bool = False,
 ):
     """AdamW (engine.optim) with the state's runtime hyperparameters; the step itself clips
     the global gradient norm. An aux value named in `aux_weights` is added to the loss with
@@ -134,7 +142,7 @@ def make_train_step(
     `skip_nonfinite` (always under loss scaling) a step whose loss or gradient is not finite
     keeps the old params and optimizer state and reports `skipped: 1`."""
     skip_nonfinite = skip_nonfinite or policy.loss_scaling
-    losses_fn = make_losses_fn(graphdef, policy, loss_chunks)
+    losses_fn = make_losses_fn(graphdef, policy, loss_chunks, load_balance)
     aux_weights = aux_weights or {}
 
     def scaled_loss(params, batch, scale):
@@ -198,6 +206,6 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, policy: Policy, loss_chunks: int = 1):
+def make_eval_step(graphdef, policy: Policy, loss_chunks: int = 1, load_balance: bool = False):
     """`(params, batch) -> named values`: loss_sum, count, correct, and each aux value."""
-    return make_losses_fn(graphdef, policy, loss_chunks)
+    return make_losses_fn(graphdef, policy, loss_chunks, load_balance)

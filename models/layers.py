@@ -16,6 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sharding import constrain
+from sharding.context import context_attention, context_degree
 
 Aux = dict[str, jax.Array]
 
@@ -108,12 +109,26 @@ def cudnn_attention(q, k, v, visible=None, segments=None):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
 
-# name -> kernel(q, k, v, visible=None, segments=None); context-parallel kernels register here.
+def cudnn_masked_attention(q, k, v, visible):
+    """cuDNN's fused kernel with an explicit mask `visible` [B,T,S]: a device's queries
+    against gathered keys under context parallelism (causal by position, not by index)."""
+    return jax.nn.dot_product_attention(q, k, v, mask=visible[:, None], implementation="cudnn")
+
+
+# name -> kernel(q, k, v, visible=None, segments=None).
 ATTENTION: dict[str, Callable] = {"xla": xla_attention, "cudnn": cudnn_attention}
+# name -> kernel(q, k, v, visible) that the `all_gather` context strategy runs on gathered keys
+# instead of its own blockwise one (which skips the blocks the causal mask hides).
+GATHERED_ATTENTION: dict[str, Callable] = {"cudnn": cudnn_masked_attention}
 
 
-def attention(q, k, v, impl: str, visible=None, segments=None):
-    """The kernel registered as `impl`."""
+def attention(q, k, v, impl: str, visible=None, segments=None, positions=None,
+              context: str = "all_gather"):  # fmt: skip
+    """The kernel registered as `impl`; with the sequence split over devices (and no KV
+    cache), attention across the split in the `context` strategy (sharding.context)."""
+    if visible is None and positions is not None and context_degree() > 1:
+        gathered = GATHERED_ATTENTION.get(impl) if context == "all_gather" else None
+        return context_attention(q, k, v, positions, segments, context, gathered)
     return ATTENTION[impl](q, k, v, visible, segments)
 
 

@@ -178,10 +178,13 @@ def rope_frequencies(cfg: LlamaConfig):
 class Block(nnx.Module):
     """One decoder layer: pre-norm attention then a pre-norm feed-forward block, both residual."""
 
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, attention: str = "xla", moe=False):
+    def __init__(
+        self, cfg: LlamaConfig, rngs: nnx.Rngs, attention: str = "xla", moe=False,
+        context: str = "all_gather",
+    ):  # fmt: skip
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std, out_std = 0.02, 0.02 / (2 * cfg.n_layers) ** 0.5
-        self.cfg, self.attention = cfg, attention
+        self.cfg, self.attention, self.context = cfg, attention, context
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std)
         self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
@@ -229,7 +232,8 @@ class Block(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
             visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
-        o = checkpoint_name(attention(q, k, v, self.attention, visible, segments), "attention")
+        o = attention(q, k, v, self.attention, visible, segments, positions, self.context)
+        o = checkpoint_name(o, "attention")
         o = checkpoint_name(jnp.einsum("bthk,hkd->btd", o, self.wo[...]), "attn_out")
         x = constrain(x + o, ("batch", "length", "embed"))
 
@@ -253,9 +257,10 @@ class Group(nnx.Module):
     """`every` consecutive layers with one scan step: every-1 dense blocks, then an MoE block.
     Same call as a Block; a cache has a leading dimension of `every` layers."""
 
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, attention: str = "xla"):
-        self.dense = stack(cfg.moe.every - 1, lambda r: Block(cfg, r, attention), "sublayers")(rngs)
-        self.moe = Block(cfg, rngs, attention, moe=True)
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, attention="xla", context="all_gather"):
+        dense = lambda r: Block(cfg, r, attention, context=context)  # noqa: E731
+        self.dense = stack(cfg.moe.every - 1, dense, "sublayers")(rngs)
+        self.moe = Block(cfg, rngs, attention, moe=True, context=context)
 
     def __call__(self, x, positions, segments=None, cache=None):
         if cache is None:
@@ -281,12 +286,13 @@ def scan_cached(layers: nnx.Module, x, positions, cache, segments=None):
     return jax.lax.scan(layer, x, (stacked, k_all, v_all))
 
 
-def make_layers(cfg: LlamaConfig, rngs: nnx.Rngs, attention: str = "xla"):
+def make_layers(cfg: LlamaConfig, rngs: nnx.Rngs, attention="xla", context="all_gather"):
     """The stacked layers: one Block per layer, or one Group per `moe.every` layers."""
     moe = cfg.moe
     if moe.experts and moe.every > 1:
-        return stack(cfg.n_layers // moe.every, lambda r: Group(cfg, r, attention))(rngs)
-    return stack(cfg.n_layers, lambda r: Block(cfg, r, attention, moe=moe.experts > 0))(rngs)
+        return stack(cfg.n_layers // moe.every, lambda r: Group(cfg, r, attention, context))(rngs)
+    block = lambda r: Block(cfg, r, attention, moe=moe.experts > 0, context=context)  # noqa: E731
+    return stack(cfg.n_layers, block)(rngs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,14 +316,16 @@ class ScanLayers:
 
 
 class Llama(nnx.Module):
-    """`remat` and `attention` are how it runs (the execution plan's), not what it is."""
+    """`remat`, `attention` (the kernel) and `context` (how attention crosses a split
+    sequence: sharding.context) are how it runs (the execution plan's), not what it is."""
 
     def __init__(
-        self, cfg: LlamaConfig, rngs: nnx.Rngs, *, remat: str = "none", attention: str = "xla"
-    ):
+        self, cfg: LlamaConfig, rngs: nnx.Rngs, *, remat: str = "none", attention: str = "xla",
+        context: str = "all_gather",
+    ):  # fmt: skip
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 0.02)
-        self.layers = make_layers(cfg, rngs, attention)
+        self.layers = make_layers(cfg, rngs, attention, context)
         # How the stack runs; parallelism may swap it (sharding.pipeline), the layers stay.
         self.layer_runner = ScanLayers(remat)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)

@@ -24,7 +24,8 @@ class ModelFamily:
     config: type
     """The architecture config dataclass."""
     build: Callable[..., Any]
-    """(arch, rngs, *, remat, attention) -> nnx.Module; plan keys a family lacks are ignored."""
+    """(arch, rngs, *, remat, attention, context) -> nnx.Module; plan keys a family lacks are
+    ignored."""
     flops_per_token: Callable[[Any, int], float]
     """(arch, seq_len) -> training FLOPs per token (per example for classifiers)."""
     from_hf: Callable[[dict, str], Any] | None = None
@@ -74,8 +75,8 @@ def _llama_aux_weights(arch: LlamaConfig) -> dict[str, float]:
     )
 
 
-def _llama(arch: LlamaConfig, rngs, *, remat: str = "none", attention: str = "xla") -> Llama:
-    return Llama(arch, rngs, remat=remat, attention=attention)
+def _llama(arch: LlamaConfig, rngs, *, remat="none", attention="xla", context="all_gather"):
+    return Llama(arch, rngs, remat=remat, attention=attention, context=context)
 
 
 def _classifier(arch: ClassifierConfig, rngs, **plan) -> MLPClassifier:

@@ -43,6 +43,11 @@ AXES: tuple[MeshAxis, ...] = (
     MeshAxis("data", "Data parallel: replicas that split the batch.", ("batch",), default=-1),
     MeshAxis("fsdp", "ZeRO-3: splits the batch and every weight's embed dimension.",
              ("batch", "embed")),
+    # Splits the sequence of every activation (attention: sharding.context); weights are
+    # ZeRO-3-split over it too, since its devices hold copies otherwise (measured in
+    # benchmarks/context.py). After the batch axes, so a process still holds one block.
+    MeshAxis("context", "Context parallel: splits each sequence's length (long context); "
+             "weights ZeRO-split over it like fsdp.", ("length", "embed")),
     MeshAxis("tensor", "Tensor (Megatron) parallel: heads, MLP and vocabulary dimensions.",
              ("mlp", "heads", "kv_heads", "vocab")),
     # Outside the pipelined layers the batch splits over the stages first (embedding, logits,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from sharding.context import context_axes
 from sharding.mesh import ShardingError
 from sharding.rules import constrain
 
@@ -110,13 +111,17 @@ class Pipeline:
     def __call__(self, layers: nnx.Module, x: jax.Array, *args):
         """Like the inner runner: (output, aux values averaged over layers and microbatches)."""
         S, R, M = self.stages, self.repeats, self.microbatches
+        # The stage is per device over the axes that split the sequence too: activations keep
+        # their length split, attention meets across it (sharding.context), the stage's
+        # weights are gathered over those axes on the way in.
+        context = context_axes() or None
         graphdef, state = nnx.split(layers)
         leaves, treedef = jax.tree.flatten(state)
         micro = lambda a: _to_microbatches(a, S, M)  # noqa: E731
         xs, args = micro(x), jax.tree.map(micro, args)
 
-        def stage_fn(chunks, r, x, m):
-            """One stage's chunk r of layers on microbatch m."""
+        def stage_fn(chunks, r, x, m, args):
+            """One stage's chunk r of layers on microbatch m (`args`: this device's)."""
             weights = [jax.lax.dynamic_index_in_dim(c, r, keepdims=False) for c in chunks]
             module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
             return self.inner(module, x, *jax.tree.map(lambda a: a[m], args))
@@ -133,7 +138,7 @@ class Pipeline:
             stage = jax.lax.axis_index(AXIS)
             chunks = [leaf[:, 0] for leaf in leaves]  # [R, layers per chunk, ...]
             x0 = xs[0].astype(x.dtype)
-            _, aux_shape = jax.eval_shape(stage_fn, chunks, 0, x0, 0)
+            _, aux_shape = jax.eval_shape(stage_fn, chunks, 0, x0, 0, args)
 
             def iteration(carry, t):
                 received, outputs, aux_sum = carry
@@ -143,7 +148,7 @@ class Pipeline:
                 r, k = jnp.divmod(within, S)
                 m = group * S + k
                 x_in = jnp.where((stage == 0) & (r == 0), xs[m].astype(x.dtype), received)
-                y, aux = stage_fn(chunks, r, x_in, m)
+                y, aux = stage_fn(chunks, r, x_in, m, args)
                 working = (u >= 0) & (u <= last_u)
                 done = (stage == S - 1) & (r == R - 1) & working
                 outputs = outputs.at[m].set(jnp.where(done, y, outputs[m]))
@@ -159,11 +164,18 @@ class Pipeline:
             (_, outputs, aux_sum), _ = jax.lax.scan(iteration, carry, jnp.arange(R * M + S - 1))
             # Every (chunk, microbatch) pair ran once somewhere: the mean over all of them.
             aux = jax.tree.map(lambda a: jax.lax.psum(a, AXIS) / (S * R * M), aux_sum)
+            if context:
+                aux = jax.lax.pmean(aux, context)
             return outputs[None], aux
 
         stage_specs = [P(None, AXIS)] * len(leaves)  # [R, S, ...]: S over the pipeline axis
+        # [M, rows, length, ...]; outputs [1, M, rows, length, ...] per stage.
+        xs_spec, args_spec = P(AXIS, None, context), P(None, None, context)
         out, aux = jax.shard_map(
-            run, in_specs=(stage_specs, P(AXIS), P()), out_specs=(P(AXIS), P()), axis_names={AXIS}
+            run,
+            in_specs=(stage_specs, xs_spec, args_spec),
+            out_specs=(P(AXIS, None, None, context), P()),
+            axis_names={AXIS, *(context or ())},
         )(leaves, xs, args)
         # Only the last stage's buffer holds results: XLA sends each stage its M/S of them
         # (one all-to-all), the layout the batch had on the way in.
