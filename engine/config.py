@@ -21,6 +21,7 @@ from engine.optim import OptimConfig
 from models import LLAMA_PRESETS, ClassifierConfig, LlamaConfig
 from models.layers import ATTENTION, remat_policy
 from sharding import MeshConfig, PipelineConfig, mesh_sizes
+from sharding.context import STRATEGIES as CONTEXT_STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -532,6 +533,11 @@ def config_errors(cfg: Config) -> list[ConfigError]:
         errors.append(ConfigError(
             f"--model.attention={cfg.model.attention} is not an attention kernel; use one of "
             f"{', '.join(ATTENTION)}."
+        ))  # fmt: skip
+    if cfg.model.context_strategy not in CONTEXT_STRATEGIES:
+        errors.append(ConfigError(
+            f"--model.context_strategy={cfg.model.context_strategy} is not a context-parallel "
+            f"strategy; use one of {', '.join(CONTEXT_STRATEGIES)}."
         ))  # fmt: skip
     chunks = cfg.model.loss_chunks
     if cfg.task == "lm" and chunks > 0 and cfg.data.seq_len > 0 and cfg.data.seq_len % chunks:

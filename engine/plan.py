@@ -183,6 +183,7 @@ def violations(
             errors.append(e)
             stages = 1
     errors += _batch_errors(cfg, plan, sizes, stages)
+    errors += _context_errors(cfg, plan, sizes, stages, sequence_model)
     experts, ep = getattr(arch, "moe", None), sizes.get("expert", 1)
     if ep > 1 and (experts is None or not experts.experts):
         errors.append(ConfigError(
@@ -220,6 +221,44 @@ def _attention_errors(plan: Plan, platform: str | None) -> list[ConfigError]:
             "computes in float32; use --precision=bf16 (or --model.attention=xla)."
         )]  # fmt: skip
     return []
+
+
+def _context_errors(cfg: Config, plan: Plan, sizes, stages: int, sequence_model: bool):
+    """The sequence must split over the context axes (into 2N chunks when load-balanced), and
+    only a sequence model has one."""
+    axes = splitting_axes(("batch", "length"), plan.rules, sizes)
+    n = math.prod(sizes[a] for a in axes)
+    if n == 1:
+        return []
+    flags = " x ".join(f"--mesh.{a}={sizes[a]}" for a in axes)
+    if not sequence_model:
+        return [ConfigError(
+            f"{flags} splits sequences, and --task={cfg.task} has none; use --mesh.data for "
+            "these devices instead."
+        )]  # fmt: skip
+    errors = []
+    seq, balance = cfg.data.seq_len, plan.context_load_balance
+    if seq % (2 * n if balance else n):
+        fix = (f"a multiple of {2 * n}, or --model.context_load_balance=False (a multiple of {n})"
+               if balance else f"a multiple of {n}")  # fmt: skip
+        what = f"2 x {n} load-balanced chunks" if balance else f"{n} pieces"
+        errors.append(ConfigError(
+            f"--data.seq_len={seq} does not split into {what} ({flags}); use {fix}."
+        ))  # fmt: skip
+    if plan.context_strategy == "ring" and plan.attention == "cudnn":
+        errors.append(ConfigError(
+            "--model.context_strategy=ring runs its own blockwise attention and cannot use "
+            "--model.attention=cudnn; use --model.context_strategy=all_gather with cuDNN, or "
+            "--model.attention=xla."
+        ))  # fmt: skip
+    moe = getattr(model_arch(cfg), "moe", None)
+    if moe is not None and moe.experts and stages > 1:
+        errors.append(ConfigError(
+            f"MoE layers in pipeline stages cannot also split sequences ({flags}): a stage "
+            "routes only its own tokens, so the balance losses would differ; use "
+            "--mesh.pipeline=1 or --mesh.context=1 with --model.moe.experts."
+        ))  # fmt: skip
+    return errors
 
 
 def _batch_errors(cfg: Config, plan: Plan, sizes: Mapping[str, int], stages: int):

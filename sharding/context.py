@@ -103,23 +103,29 @@ def _any_visible(q_pos, k_pos):
     return jnp.min(k_pos) <= jnp.max(q_pos)
 
 
-def _halves(a):
-    """Split the length dimension (1) into two blocks: [2, B, T/2, ...]."""
-    return None if a is None else jnp.stack(jnp.split(a, 2, axis=1))
+def _parts(t: int) -> int:
+    """Blocks per device shard: halves (which the load-balanced order needs to skip the masked
+    half of a step), or the whole shard when its length is odd."""
+    return 2 if t % 2 == 0 else 1
+
+
+def _split(a, parts: int, axis: int = 1):
+    """Split a length dimension into `parts` blocks stacked first: [parts, ...]."""
+    return None if a is None else jnp.stack(jnp.split(a, parts, axis=axis))
 
 
 def _forward_block(stats, q, q_pos, q_seg, k, v, k_pos, k_seg, scale):
     """Fold one key block into the running (max, sum, unnormalized output) of a query block."""
-    m, l, acc = stats
+    m, denom, acc = stats
     s = _scores(q, k, scale)
     vis = _visible(q_pos, k_pos, q_seg, k_seg)
     m_new = jnp.maximum(m, jnp.max(jnp.where(vis, s, _NEG), axis=-1))
     p = jnp.exp(jnp.where(vis, s - m_new[..., None], _NEG))
     correction = jnp.exp(m - m_new)
-    l = l * correction + jnp.sum(p, axis=-1)
+    denom = denom * correction + jnp.sum(p, axis=-1)
     pv = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     acc = acc * jnp.moveaxis(correction, -1, 1)[..., None] + pv
-    return m_new, l, acc
+    return m_new, denom, acc
 
 
 def _backward_block(grads, q, q_pos, q_seg, k, v, k_pos, k_seg, do, lse, delta, scale):
@@ -138,13 +144,13 @@ def _backward_block(grads, q, q_pos, q_seg, k, v, k_pos, k_seg, do, lse, delta, 
 
 
 def _each_pair(fn, q_side, kv_side, carry_q, carry_kv):
-    """`fn` over the 2 x 2 (query half, key half) blocks of a step, each skipped (a `cond`)
-    when the causal mask hides it; carry_q per query half, carry_kv per key half."""
+    """`fn` over the (query block, key block) pairs of a step, each skipped (a `cond`) when the
+    causal mask hides it; carry_q per query block, carry_kv per key block."""
     carry_q, carry_kv = list(carry_q), list(carry_kv)
-    for a in range(2):
-        qa = jax.tree.map(lambda x: None if x is None else x[a], q_side)
-        for b in range(2):
-            kb = jax.tree.map(lambda x: None if x is None else x[b], kv_side)
+    for a in range(len(carry_q)):
+        qa = tuple(None if x is None else x[a] for x in q_side)
+        for b in range(len(carry_kv)):
+            kb = tuple(None if x is None else x[b] for x in kv_side)
             carry_q[a], carry_kv[b] = jax.lax.cond(
                 _any_visible(qa[1], kb[2]),
                 lambda cq, ck, qa=qa, kb=kb: fn(cq, ck, qa, kb),
@@ -203,8 +209,9 @@ def _forward(strategy, axes, n, q, k, v, q_pos, q_seg):
     blocks = _Blocks(strategy, axes, n)
     kv = (k, v, q_pos, q_seg)
     gathered = blocks.gather(kv)
-    q_side = tuple(map(_halves, (qg, q_pos, q_seg)))
-    half = t // 2
+    parts = _parts(t)
+    q_side = tuple(_split(a, parts) for a in (qg, q_pos, q_seg))
+    half = t // parts
     stats0 = (
         _full((b, k.shape[2], g, half), _NEG, q),
         _full((b, k.shape[2], g, half), 0.0, q),
@@ -217,16 +224,16 @@ def _forward(strategy, axes, n, q, k, v, q_pos, q_seg):
     def step(carry, i):
         stats, current = carry
         block = blocks.at(gathered, current, i)
-        kv_side = tuple(map(_halves, block))
-        stats, _ = _each_pair(fold, q_side, kv_side, stats, (None, None))
+        kv_side = tuple(_split(a, parts) for a in block)
+        stats, _ = _each_pair(fold, q_side, kv_side, stats, (None,) * parts)
         nxt = blocks.rotate(current) if strategy == "ring" else current
         return (stats, nxt), None
 
-    (stats, _), _ = jax.lax.scan(step, ([stats0, stats0], kv), jnp.arange(n))
+    (stats, _), _ = jax.lax.scan(step, ([stats0] * parts, kv), jnp.arange(n))
     outs, lses = [], []
-    for m, l, acc in stats:
-        outs.append(acc / jnp.moveaxis(l, -1, 1)[..., None])
-        lses.append(m + jnp.log(l))
+    for m, denom, acc in stats:
+        outs.append(acc / jnp.moveaxis(denom, -1, 1)[..., None])
+        lses.append(m + jnp.log(denom))
     out = jnp.concatenate(outs, axis=1).astype(q.dtype).reshape(b, t, h, d)
     lse = jnp.concatenate(lses, axis=-1)
     return out, lse
@@ -244,10 +251,10 @@ def _backward(strategy, axes, n, q, k, v, q_pos, q_seg, out, lse, d_out):
     blocks = _Blocks(strategy, axes, n)
     kv = (k, v, q_pos, q_seg)
     gathered = blocks.gather(kv)
+    parts = _parts(t)
     # lse and delta are split on their last (length) axis.
-    lse_h = jnp.stack(jnp.split(lse, 2, axis=-1))
-    delta_h = jnp.stack(jnp.split(delta, 2, axis=-1))
-    q_side = (*map(_halves, (qg, q_pos, q_seg, do)), lse_h, delta_h)
+    q_side = (*(_split(a, parts) for a in (qg, q_pos, q_seg, do)),
+              _split(lse, parts, -1), _split(delta, parts, -1))  # fmt: skip
     zeros_kv = lambda s: _full((b, s, kvh, d), 0.0, q)  # noqa: E731
 
     def fold(dq, dkv, qa, kb):
@@ -258,13 +265,14 @@ def _backward(strategy, axes, n, q, k, v, q_pos, q_seg, out, lse, d_out):
     def step(carry, i):
         dq, current, d_current, d_gathered = carry
         block = blocks.at(gathered, current, i)
-        kv_side = tuple(map(_halves, block))
+        kv_side = tuple(_split(a, parts) for a in block)
         if strategy == "ring":
-            dkv = [tuple(x[j] for x in map(_halves, d_current)) for j in range(2)]
+            pieces = [_split(a, parts) for a in d_current]
+            dkv = [tuple(x[j] for x in pieces) for j in range(parts)]
         else:
-            dkv = [(zeros_kv(t // 2), zeros_kv(t // 2)) for _ in range(2)]
+            dkv = [(zeros_kv(t // parts), zeros_kv(t // parts)) for _ in range(parts)]
         dq, dkv = _each_pair(fold, q_side, kv_side, dq, dkv)
-        d_block = tuple(jnp.concatenate([dkv[0][j], dkv[1][j]], axis=1) for j in range(2))
+        d_block = tuple(jnp.concatenate([p[j] for p in dkv], axis=1) for j in range(2))
         if strategy == "ring":
             # The keys' gradients travel with them and are home after n rotations.
             current, d_current = blocks.rotate(current), blocks.rotate(d_block)
@@ -279,8 +287,7 @@ def _backward(strategy, axes, n, q, k, v, q_pos, q_seg, out, lse, d_out):
             )
         return (dq, current, d_current, d_gathered), None
 
-    half = t // 2
-    dq0 = [_full((b, half, kvh, g, d), 0.0, q)] * 2
+    dq0 = [_full((b, t // parts, kvh, g, d), 0.0, q)] * parts
     ring = strategy == "ring"
     d_current = (zeros_kv(t), zeros_kv(t)) if ring else ()
     d_gathered = () if ring else (zeros_kv(t * n), zeros_kv(t * n))
@@ -311,7 +318,7 @@ def _like(x, ref, dtype=None):
 
 
 def _varying(x) -> set[str]:
-    """The manual mesh axes `x` varies over (`.vma` before jax 0.10, `.mat.varying` since)."""
+    """The manual mesh axes `x` varies over (`.mat.varying` on jax 0.10 and 0.11)."""
     aval = jax.typeof(x)
     return set(aval.mat.varying if hasattr(aval, "mat") else aval.vma)
 
@@ -393,10 +400,8 @@ def context_attention(q, k, v, positions, segments=None, strategy="all_gather", 
         raise ValueError(f"unknown context strategy {strategy!r}; use one of {STRATEGIES}")
     if gathered is not None and strategy != "all_gather":
         raise ValueError("a gathered-keys kernel runs only with the all_gather strategy")
-    if q.shape[1] % (2 * n):
-        raise ValueError(
-            f"context attention needs a length divisible by 2 x {n} devices, got {q.shape[1]}"
-        )
+    if q.shape[1] % n:
+        raise ValueError(f"context attention needs a length divisible by {n}, got {q.shape[1]}")
     positions = positions.astype(jnp.int32)
     segments = None if segments is None else segments.astype(jnp.int32)
     if set(axes) <= set(mesh.manual_axes):

@@ -57,10 +57,12 @@ def route_to_experts(
         return _per_device(x, experts, gates, weights, grouped, batched, num_experts, capacity)
 
     rules = current_rules()
-    # The batch axes that divide this batch (a small generation batch may not split at all;
-    # tokens replicated over an expert axis still reach every expert, each copy once).
-    token_axes = axes_of(dividing(logical_to_spec(("batch",), rules, mesh), x.shape, mesh)[0])
-    token_spec = P(token_axes or None, None, None)
+    # The batch (and, dropless, length) axes that divide these tokens (a small generation batch
+    # may not split at all; tokens replicated over an expert axis still reach every expert,
+    # each copy once). Capacity is counted per whole sequence, so its length stays whole.
+    names = ("batch", "length" if capacity is None else None, None)
+    token_spec = dividing(logical_to_spec(names, rules, mesh), x.shape, mesh)
+    token_axes = tuple(a for entry in token_spec for a in axes_of(entry))
     kept = lambda names: tuple(  # noqa: E731
         s if n in ("expert", hidden) else None
         for n, s in zip(names, logical_to_spec(names, rules, mesh), strict=True)

@@ -1,0 +1,251 @@
+"""Context parallelism: the sequence split over devices gives the unsplit model's numbers."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from engine.config import ConfigError, validate
+from engine.plan import Plan, violations
+from engine.trainer import train
+from models import Llama
+from models.layers import xla_attention
+from sharding import DEFAULT_RULES, axis_rules, make_mesh
+from sharding.context import context_attention, load_balance_order, reorder, restore
+
+STEPS = 3
+
+
+def context_config(run_dir, mesh=None, document_mask=True, run=None, **model):
+    """`tiny` for 3 steps with document masks; `model` keys, and `run`: other Config keys."""
+    cfg = tiny_config(run_dir, mesh, steps=STEPS, **(run or {}))
+    data = dataclasses.replace(cfg.data, document_mask=document_mask)
+    return dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, **model))
+
+
+def losses(records):
+    return np.array([r["loss"] for r in records])
+
+
+def mesh_id(mesh):
+    return "x".join(f"{k}{v}" for k, v in mesh.items())
+
+
+# ---------------------------------------------------------------- the attention itself
+
+
+def test_load_balance_order_gives_each_device_an_early_and_a_late_chunk():
+    order = load_balance_order(16, 4)  # 8 chunks of 2
+    np.testing.assert_array_equal(order.reshape(4, 2, 2)[:, :, 0], [[0, 14], [2, 12], [4, 10],
+                                                                    [6, 8]])  # fmt: skip
+    assert sorted(order) == list(range(16))
+    x = jnp.arange(32).reshape(2, 16)
+    np.testing.assert_array_equal(restore(jnp.take(x, order, axis=1), 4), x)
+
+
+@pytest.mark.parametrize("strategy", ["all_gather", "ring"])
+@pytest.mark.parametrize("length", [32, 20], ids=["even", "odd_shards"])
+def test_attention_and_its_gradients_equal_unsplit_attention(strategy, length):
+    """Every combination of document mask and load-balanced order, on context=4 x data=2,
+    against the plain einsum kernel on whole sequences; shards of odd length (20 / 4) run one
+    block per device."""
+    b, h, kv, d = 2, 4, 2, 8
+    q, k, v = (jax.random.normal(jax.random.key(i), (b, length, n, d))
+               for i, n in enumerate((h, kv, kv)))  # fmt: skip
+    ends = np.random.default_rng(0).random((b, length)) < 0.15
+    segments = jnp.asarray(np.cumsum(ends, axis=1), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+    mesh = make_mesh({"context": 4, "data": 2})
+    checked = 0
+    for seg in (None, segments):
+        for balance in (False, True) if length % 8 == 0 else (False,):
+
+            def split(q, k, v, seg=seg, balance=balance):
+                args = (q, k, v, positions, seg)
+                if balance:
+                    order = load_balance_order(length, 4)
+                    args = [None if a is None else jnp.take(a, order, axis=1) for a in args]
+                out = context_attention(*args, strategy=strategy)
+                return restore(out, 4) if balance else out
+
+            def whole(q, k, v, seg=seg):
+                return xla_attention(q, k, v, None, seg)
+
+            with jax.set_mesh(mesh), axis_rules(DEFAULT_RULES):
+                out = jax.jit(split)(q, k, v)
+                grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(split(*a))), (0, 1, 2)))(
+                    q, k, v
+                )
+            want = whole(q, k, v)
+            want_grads = jax.grad(lambda *a: jnp.sum(jnp.sin(whole(*a))), (0, 1, 2))(q, k, v)
+            np.testing.assert_allclose(out, want, atol=2e-6)
+            for got, expected in zip(grads, want_grads, strict=True):
+                np.testing.assert_allclose(got, expected, atol=1e-5)
+            checked += 1
+    assert checked == (4 if length % 8 == 0 else 2)
+
+
+def test_logits_of_a_packed_batch_equal_the_unsplit_model(tmp_path):
+    cfg = context_config(tmp_path)
+    model = Llama(cfg.model.arch, nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, 64), 0, 256)
+    segments = jnp.asarray(np.cumsum(np.random.default_rng(2).random((4, 64)) < 0.05, 1))
+    want = model(tokens, segments)
+    graphdef, state = nnx.split(Llama(cfg.model.arch, nnx.Rngs(0), context="ring"))
+
+    @jax.jit
+    def split(state, tokens, segments):
+        batch = reorder({"inputs": tokens, "segments": segments}, 4)
+        logits = nnx.merge(graphdef, state)(batch["inputs"], batch["segments"],
+                                            batch["positions"])  # fmt: skip
+        return logits, restore(logits, 4)
+
+    with jax.set_mesh(make_mesh({"context": 4, "tensor": 2})), axis_rules(DEFAULT_RULES):
+        raw, got = split(state, tokens, segments)
+    # Per device: all rows, a quarter of the (reordered) sequence, half the vocabulary.
+    assert raw.sharding.shard_shape(raw.shape) == (4, 16, 128)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+# ---------------------------------------------------------------- training parity
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    with_docs = losses(train(context_config(tmp_path_factory.mktemp("one")), jax.devices()[:1]))
+    no_docs = context_config(tmp_path_factory.mktemp("plain"), document_mask=False)
+    return {True: with_docs, False: losses(train(no_docs, jax.devices()[:1]))}
+
+
+MESHES = [
+    dict(context=8),
+    dict(data=2, context=4),
+    dict(fsdp=2, context=2, tensor=2),
+    dict(data=2, context=2, pipeline=2),
+]
+
+
+@pytest.mark.parametrize("strategy", ["all_gather", "ring"])
+@pytest.mark.parametrize("mesh", MESHES, ids=mesh_id)
+def test_context_meshes_match_one_device(tmp_path, mesh, strategy, one_device):
+    got = losses(train(context_config(tmp_path, mesh, context_strategy=strategy)))
+    assert one_device[True][-1] < one_device[True][0] - 0.1  # it learns: equality means something
+    np.testing.assert_allclose(got, one_device[True], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "strategy, document_mask, balance",
+    [("ring", False, False), ("all_gather", True, False), ("ring", False, True)],
+)
+def test_other_masks_and_orders_match_one_device(
+    tmp_path, strategy, document_mask, balance, one_device
+):
+    """On data=2 x context=4; the balanced, document-masked case runs on every mesh above, and
+    the attention test covers every combination for both strategies."""
+    cfg = context_config(tmp_path, dict(data=2, context=4), document_mask,
+                         context_strategy=strategy, context_load_balance=balance)  # fmt: skip
+    np.testing.assert_allclose(losses(train(cfg)), one_device[document_mask], rtol=1e-5)
+
+
+def test_activations_and_batch_are_split_along_the_length(tmp_path):
+    from engine.setup import setup
+
+    run = setup(context_config(tmp_path, dict(data=2, context=4)))
+    # [16 rows, 64 tokens]: rows over data, tokens over context.
+    assert run.batch_shardings["inputs"].shard_shape((16, 64)) == (8, 16)
+    model = nnx.merge(run.graphdef, run.state.params)
+    tokens = jnp.zeros((16, 64), jnp.int32)
+    with jax.set_mesh(run.mesh), axis_rules(run.plan.rules):
+        features, _ = jax.jit(lambda t: model.features(t))(tokens)
+    assert features.sharding.shard_shape(features.shape) == (8, 16, 64)
+
+
+def test_remat_and_accumulation_match_one_device(tmp_path, one_device):
+    from engine.optim import OptimConfig
+
+    optim = OptimConfig(lr=3e-3, warmup_steps=50, microbatches=2)
+    cfg = context_config(tmp_path, dict(data=2, context=4), run=dict(optim=optim),
+                         context_strategy="ring", remat="full")  # fmt: skip
+    np.testing.assert_allclose(losses(train(cfg)), one_device[True], rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["all_gather", "ring"])
+def test_bf16_attention_tracks_fp32(strategy):
+    """bf16 inputs, fp32 softmax statistics: within bf16 rounding of the fp32 result."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 64, n, 16))
+               for i, n in enumerate((4, 2, 2)))  # fmt: skip
+    positions = jnp.broadcast_to(jnp.arange(64), (2, 64))
+    with jax.set_mesh(make_mesh({"context": 8})), axis_rules(DEFAULT_RULES):
+        attend = jax.jit(lambda *a: context_attention(*a, positions, strategy=strategy))
+        got = attend(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), xla_attention(q, k, v), atol=0.03)
+
+
+def test_resume_onto_another_context_degree_then_generate(tmp_path, one_device):
+    """Checkpoints do not depend on the split: saved on context=4, resumed on context=2 x
+    tensor=2 with one device's losses; the trained model then generates on one device."""
+    from engine.callbacks import Callback
+    from engine.checkpoint import load_model
+    from engine.generate import Sampling, generate
+
+    class StopAfter2(Callback):
+        def on_step(self, trainer, record):
+            if record["step"] == 2:
+                trainer.stop_reason = "stopped after step 2 for the test"
+
+    keep = dataclasses.replace(tiny_config(tmp_path).checkpoint, final=True)
+    first = train(context_config(tmp_path, dict(data=2, context=4), run=dict(checkpoint=keep)),
+                  callbacks=[StopAfter2()])  # fmt: skip
+    rest = train(context_config(tmp_path, dict(data=2, context=2, tensor=2),
+                                run=dict(checkpoint=keep), context_strategy="ring"))  # fmt: skip
+    assert [r["step"] for r in rest] == [3]
+    np.testing.assert_allclose(losses(first + rest), one_device[True], rtol=1e-5)
+
+    model, _ = load_model(tmp_path)
+    prompt = np.arange(1, 9)[None]
+    sampling = Sampling(max_new_tokens=6, temperature=0.0)
+    cached = generate(model, prompt, sampling)
+    assert cached.shape == (1, 14)
+    np.testing.assert_array_equal(cached, generate(model, prompt, sampling, use_cache=False))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "mesh, keys, message",
+    [
+        (dict(context=4, data=2), dict(seq_len=36),
+         "--data.seq_len=36 does not split into 2 x 4 load-balanced chunks (--mesh.context=4); "
+         "use a multiple of 8, or --model.context_load_balance=False (a multiple of 4)."),
+        (dict(context=4, data=2), dict(seq_len=30, context_load_balance=False),
+         "--data.seq_len=30 does not split into 4 pieces (--mesh.context=4); use a multiple of 4."),
+        (dict(context=2, data=4), dict(context_strategy="ring", attention="cudnn"),
+         "--model.context_strategy=ring runs its own blockwise attention and cannot use "
+         "--model.attention=cudnn"),
+        (dict(context=2, pipeline=2, data=2), dict(moe=dict(experts=4, top_k=2, d_ff=32)),
+         "MoE layers in pipeline stages cannot also split sequences (--mesh.context=2)"),
+    ],
+)  # fmt: skip
+def test_impossible_context_settings_get_one_sentence(tmp_path, mesh, keys, message):
+    seq = keys.pop("seq_len", 64)
+    cfg = context_config(tmp_path, mesh, **keys)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq))
+    errors = [str(e) for e in violations(cfg, Plan.from_config(cfg), 8, "gpu")]
+    assert any(e.startswith(message) for e in errors), errors
+
+
+def test_unknown_strategy_and_a_model_without_sequences(tmp_path):
+    with pytest.raises(ConfigError, match="--model.context_strategy=ulysses is not a context"):
+        validate(context_config(tmp_path, context_strategy="ulysses"))
+    from engine.config import PRESETS
+    from sharding import MeshConfig
+
+    digits = dataclasses.replace(PRESETS["digits"], mesh=MeshConfig(data=4, context=2))
+    (error,) = violations(digits, Plan.from_config(digits), 8, "cpu")
+    assert str(error).startswith("--mesh.context=2 splits sequences, and --task=digits has none")
