@@ -74,8 +74,24 @@ def workload(cfg: Config, plan: Plan) -> Workload:
         compute_bytes=jnp.dtype(policy.compute_dtype).itemsize,
         split_name="heads" if family.sequence_model else "mlp",
         sequence_model=family.sequence_model,
+        kv_width=getattr(arch, "n_kv_heads", 0) * getattr(arch, "head_dim", 0),
         **_routing(arch),
     )
+
+
+# Below this length the batch axes split a step's tokens more cheaply than `context`, which
+# exchanges keys and values every layer: the search leaves it at 1 (a pinned size still counts).
+CONTEXT_FROM_LENGTH = 8192
+
+
+def _searched(axis: str, work: Workload) -> bool:
+    """Whether the search varies `axis`: an expert axis only for a model with experts, a
+    context axis only for long sequences."""
+    if axis == "expert":
+        return work.moe_layers > 0
+    if axis == "context":
+        return work.sequence_model and work.seq_len >= CONTEXT_FROM_LENGTH
+    return True
 
 
 def _routing(arch) -> dict:
@@ -223,8 +239,7 @@ def plan_search(
             cache[key] = [str(p) for p in problems]
         return cache[key]
 
-    # An expert axis splits only experts: a model without them is not searched over it.
-    axes = [a.name for a in base.axes if a.name != "expert" or work.moe_layers or a.name in fixed]
+    axes = [a.name for a in base.axes if a.name in fixed or _searched(a.name, work)]
     fits, rejected = search(
         work, target, base.rules, base.precision, axes, REMATS, feasible, fixed
     )  # fmt: skip

@@ -245,6 +245,13 @@ def _context_errors(cfg: Config, plan: Plan, sizes, stages: int, sequence_model:
         errors.append(ConfigError(
             f"--data.seq_len={seq} does not split into {what} ({flags}); use {fix}."
         ))  # fmt: skip
+    chunks = plan.loss_chunks
+    if not errors and chunks > 1 and seq % (n * chunks):
+        errors.append(ConfigError(
+            f"--model.loss_chunks={chunks} cuts each device's share of the sequence ({flags}) "
+            f"into pieces, and --data.seq_len={seq} is not a multiple of {n * chunks}; use a "
+            f"chunk count that divides {seq // n}."
+        ))  # fmt: skip
     if plan.context_strategy == "ring" and plan.attention == "cudnn":
         errors.append(ConfigError(
             "--model.context_strategy=ring runs its own blockwise attention and cannot use "

@@ -44,9 +44,14 @@ def cross_entropy(logits, targets, mask):
 def chunked_cross_entropy(logits_fn, x, targets, mask, chunks: int):
     """`cross_entropy(logits_fn(x), ...)` over `chunks` pieces of the sequence in turn, each
     piece's logits recomputed in the backward pass: only [batch, length/chunks, vocab] logits
-    exist at a time."""
+    exist at a time. With the sequence split over n devices, piece i is the i-th of each
+    device's `chunks` parts, so every piece stays split n ways (the loss is a sum: any order)."""
     b, t = targets.shape
-    pieces = lambda a: a.reshape(b, chunks, t // chunks, *a.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    n = context_degree()
+
+    def pieces(a):
+        a = a.reshape(b, n, chunks, t // (n * chunks), *a.shape[2:])
+        return jnp.moveaxis(a, 2, 0).reshape(chunks, b, t // chunks, *a.shape[4:])
 
     @jax.checkpoint
     def piece(totals, xs):

@@ -326,11 +326,11 @@ def _varying(x) -> set[str]:
 # Inside a shard_map over the context axes (a pipeline stage): the per-device functions.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _local_attention(strategy, axes, n, q, k, v, q_pos, q_seg):
-    return _forward(strategy, axes, n, q, k, v, q_pos, q_seg)[0]
+    return _local_fwd(strategy, axes, n, q, k, v, q_pos, q_seg)[0]
 
 
 def _local_fwd(strategy, axes, n, q, k, v, q_pos, q_seg):
-    out, lse = _forward(strategy, axes, n, q, k, v, q_pos, q_seg)
+    out, lse = _opaque(functools.partial(_forward, strategy, axes, n))(q, k, v, q_pos, q_seg)
     return out, (q, k, v, q_pos, q_seg, out, lse)
 
 
@@ -351,14 +351,21 @@ def _attention(strategy, mesh, q, k, v, q_pos, q_seg):
 def _per_device(fn, strategy, mesh, args, in_specs, out_specs):
     axes = context_axes(mesh)
     n = math.prod(mesh.shape[a] for a in axes)
-    return jax.shard_map(
+    mapped = jax.shard_map(
         functools.partial(fn, strategy, axes, n),
         mesh=mesh,
         in_specs=in_specs,
         out_specs=out_specs,
         axis_names=set(axes),
         check_vma=True,
-    )(*args)
+    )
+    # A remat policy around the layer (dots, save:...) would otherwise save the blocks' scores
+    # from inside the loop, one [Tq, Tk] block per step: the kernel keeps only its outputs.
+    return _opaque(mapped)(*args)
+
+
+def _opaque(fn):
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
 
 
 def _specs(mesh, q_seg):

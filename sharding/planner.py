@@ -17,7 +17,10 @@ Step time is a roofline (assumptions, all in this file):
 - fixed costs: a latency per collective and per kernel (KERNELS_PER_LAYER per layer pass), so
   accumulation steps, loss chunks and pipeline iterations are not free;
 - FSDP gathers and gradient reductions overlap with compute (XLA's latency-hiding scheduler);
-  tensor-parallel all-reduces and pipeline permutes sit between dependent matmuls and do not;
+  tensor-parallel all-reduces, pipeline permutes and context parallelism's key/value exchange
+  sit between dependent matmuls and do not;
+- a sequence split over `context` divides every activation's tokens like a batch split, and
+  its weights are ZeRO-split over it like fsdp's (the rule table's `embed`);
 - step = (max(compute, HBM, overlapped collectives) + exposed collectives) / (1 - bubble).
 """
 
@@ -100,6 +103,9 @@ class Workload:
     """Copies of each token an MoE layer sends: top_k, times the capacity factor if any."""
     dropless: bool = True
     """Dropless routing's send buffers have room for every copy per peer (ep x the bytes)."""
+    kv_width: int = 0
+    """Key (and value) elements per token per layer: what attention exchanges across a
+    sequence split over `context`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,8 +264,10 @@ def estimate(
             for name in ("batch", workload.split_name, "vocab", "embed")}  # fmt: skip
     batch_ways, split = ways["batch"], ways[workload.split_name]
     vocab_ways, fsdp = ways["vocab"], ways["embed"]
+    context = math.prod(sizes[a] for a in splitting_axes(("batch", "length"), rules, sizes))
     cb, tokens = workload.compute_bytes, workload.batch * workload.seq_len
-    micro_tokens = tokens / (c.microbatches * batch_ways)  # per device, per accumulation step
+    # Per device, per accumulation step.
+    micro_tokens = tokens / (c.microbatches * batch_ways * context)
     if stages > 1:  # the schedule (sharding.pipeline): M microbatches, R*M + S - 1 iterations
         pmb = PipelineConfig(c.pipeline_microbatches, c.repeats).microbatches_for(stages)
         iterations = c.repeats * pmb + stages - 1
@@ -297,7 +305,7 @@ def estimate(
     logits = FIT["logits"] * terms["logits"]
     memory = {
         "state": state["state"],
-        "batch": tokens / batch_ways * 4 * 3,  # inputs, targets, mask
+        "batch": tokens / (batch_ways * context) * 4 * 3,  # inputs, targets, mask
         "grads": FIT["grads"] * terms["grads"] + FIT["compute_copy"] * terms["compute_copy"],
         "activations": activations,
         "logits": logits,
@@ -346,6 +354,13 @@ def estimate(
             (moved + shared) * c.microbatches,
             (passes * workload.moe_layers // stages + 1) * c.microbatches,
         )
+    if context > 1:
+        # Each layer: the other devices' keys and values in the forward (and remat's
+        # recomputation), again in the backward with their fp32 gradients on the way back.
+        kv = micro_tokens * (context - 1) * workload.kv_width * 2 * cb
+        per_layer = kv * (2 + (c.remat == "full")) + kv * 4 / cb
+        collectives["context"] = (per_layer * workload.layers / stages * c.microbatches,
+                                  3 * workload.layers // stages * c.microbatches)  # fmt: skip
     if split > 1:
         passes = 4 + (2 if c.remat == "full" else 0)
         size = micro_tokens * workload.width * cb * 2 * (split - 1) / split

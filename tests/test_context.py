@@ -164,12 +164,12 @@ def test_activations_and_batch_are_split_along_the_length(tmp_path):
     assert features.sharding.shard_shape(features.shape) == (8, 16, 64)
 
 
-def test_remat_and_accumulation_match_one_device(tmp_path, one_device):
+def test_remat_accumulation_and_loss_chunks_match_one_device(tmp_path, one_device):
     from engine.optim import OptimConfig
 
     optim = OptimConfig(lr=3e-3, warmup_steps=50, microbatches=2)
     cfg = context_config(tmp_path, dict(data=2, context=4), run=dict(optim=optim),
-                         context_strategy="ring", remat="full")  # fmt: skip
+                         context_strategy="ring", remat="full", loss_chunks=4)  # fmt: skip
     np.testing.assert_allclose(losses(train(cfg)), one_device[True], rtol=1e-5)
 
 
@@ -225,6 +225,10 @@ def test_resume_onto_another_context_degree_then_generate(tmp_path, one_device):
          "use a multiple of 8, or --model.context_load_balance=False (a multiple of 4)."),
         (dict(context=4, data=2), dict(seq_len=30, context_load_balance=False),
          "--data.seq_len=30 does not split into 4 pieces (--mesh.context=4); use a multiple of 4."),
+        (dict(context=4, data=2), dict(loss_chunks=32),
+         "--model.loss_chunks=32 cuts each device's share of the sequence (--mesh.context=4) "
+         "into pieces, and --data.seq_len=64 is not a multiple of 128; use a chunk count that "
+         "divides 16."),
         (dict(context=2, data=4), dict(context_strategy="ring", attention="cudnn"),
          "--model.context_strategy=ring runs its own blockwise attention and cannot use "
          "--model.attention=cudnn"),

@@ -34,7 +34,7 @@ def test_a_mesh_axis_declared_as_data_trains_like_one_device(tiny):
         cfg, axes=axes, rules=default_rules(axes), mesh={"replica": 4, "fsdp": 2}
     )
     run = setup(cfg, plan=plan)
-    assert dict(run.mesh.shape) == dict(expert=1, data=1, fsdp=2, tensor=1, pipeline=1, replica=4)
+    assert dict(run.mesh.shape) == {**{a.name: 1 for a in AXES}, "fsdp": 2, "replica": 4}
     # The batch rows split 8 ways (replica outermost), the embed dimension of weights 2 ways.
     inputs = run.put_batch(run.task.train_batch(0))["inputs"]
     assert {s.data.shape for s in inputs.addressable_shards} == {(16 // 8, 64)}
@@ -244,7 +244,7 @@ def test_a_plans_flags_give_the_same_plan():
 
     cfg = parse_args(["--config", "tiny"])
     plan = Plan.from_config(
-        cfg, mesh={"expert": 1, "data": 2, "fsdp": 2, "tensor": 2, "pipeline": 1},
+        cfg, mesh={**{a.name: 1 for a in AXES}, "data": 2, "fsdp": 2, "tensor": 2},
         remat="save:attn_out", microbatches=2, loss_chunks=4, precision="bf16",
         rules=Plan.from_config(parse_args(["--rule_overrides", "embed="])).rules,
     )  # fmt: skip
