@@ -195,6 +195,18 @@ class _Blocks:
         )
 
 
+def _loop(step, carry, n: int):
+    """`carry = step(carry, i)` for i < n, as a while loop: the kernel is never differentiated
+    (its VJP is ours), and a remat policy around it (dots) cannot stack per-step scores out of
+    a while loop the way it would out of a scan."""
+
+    def body(state):
+        i, carry = state
+        return i + 1, step(carry, i)
+
+    return jax.lax.while_loop(lambda state: state[0] < n, body, (jnp.int32(0), carry))[1]
+
+
 def _prepare(q, k):
     b, t, h, d = q.shape
     kv = k.shape[2]
@@ -227,9 +239,9 @@ def _forward(strategy, axes, n, q, k, v, q_pos, q_seg):
         kv_side = tuple(_split(a, parts) for a in block)
         stats, _ = _each_pair(fold, q_side, kv_side, stats, (None,) * parts)
         nxt = blocks.rotate(current) if strategy == "ring" else current
-        return (stats, nxt), None
+        return stats, nxt
 
-    (stats, _), _ = jax.lax.scan(step, ([stats0] * parts, kv), jnp.arange(n))
+    stats, _ = _loop(step, ([stats0] * parts, kv), n)
     outs, lses = [], []
     for m, denom, acc in stats:
         outs.append(acc / jnp.moveaxis(denom, -1, 1)[..., None])
@@ -285,15 +297,13 @@ def _backward(strategy, axes, n, q, k, v, q_pos, q_seg, out, lse, d_out):
                 )
                 for a, x in zip(d_gathered, d_block, strict=True)
             )
-        return (dq, current, d_current, d_gathered), None
+        return dq, current, d_current, d_gathered
 
     dq0 = [_full((b, t // parts, kvh, g, d), 0.0, q)] * parts
     ring = strategy == "ring"
     d_current = (zeros_kv(t), zeros_kv(t)) if ring else ()
     d_gathered = () if ring else (zeros_kv(t * n), zeros_kv(t * n))
-    (dq, _, d_current, d_gathered), _ = jax.lax.scan(
-        step, (dq0, kv, d_current, d_gathered), jnp.arange(n)
-    )
+    dq, _, d_current, d_gathered = _loop(step, (dq0, kv, d_current, d_gathered), n)
     if strategy == "all_gather":
         d_current = tuple(
             jax.lax.psum_scatter(a, axes, scatter_dimension=1, tiled=True) for a in d_gathered
@@ -330,7 +340,7 @@ def _local_attention(strategy, axes, n, q, k, v, q_pos, q_seg):
 
 
 def _local_fwd(strategy, axes, n, q, k, v, q_pos, q_seg):
-    out, lse = _opaque(functools.partial(_forward, strategy, axes, n))(q, k, v, q_pos, q_seg)
+    out, lse = _forward(strategy, axes, n, q, k, v, q_pos, q_seg)
     return out, (q, k, v, q_pos, q_seg, out, lse)
 
 
@@ -351,21 +361,14 @@ def _attention(strategy, mesh, q, k, v, q_pos, q_seg):
 def _per_device(fn, strategy, mesh, args, in_specs, out_specs):
     axes = context_axes(mesh)
     n = math.prod(mesh.shape[a] for a in axes)
-    mapped = jax.shard_map(
+    return jax.shard_map(
         functools.partial(fn, strategy, axes, n),
         mesh=mesh,
         in_specs=in_specs,
         out_specs=out_specs,
         axis_names=set(axes),
         check_vma=True,
-    )
-    # A remat policy around the layer (dots, save:...) would otherwise save the blocks' scores
-    # from inside the loop, one [Tq, Tk] block per step: the kernel keeps only its outputs.
-    return _opaque(mapped)(*args)
-
-
-def _opaque(fn):
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    )(*args)
 
 
 def _specs(mesh, q_seg):
