@@ -103,15 +103,47 @@ def _any_visible(q_pos, k_pos):
     return jnp.min(k_pos) <= jnp.max(q_pos)
 
 
+BLOCK = 1024
+"""Most positions in one block of queries or keys: a block pair's fp32 scores are
+[batch, kv_heads, group, BLOCK, BLOCK], whatever the length."""
+
+
 def _parts(t: int) -> int:
-    """Blocks per device shard: halves (which the load-balanced order needs to skip the masked
-    half of a step), or the whole shard when its length is odd."""
-    return 2 if t % 2 == 0 else 1
+    """Blocks per device shard: the fewest of at most BLOCK positions each, an even number when
+    `t` is (so the load-balanced order's two chunks start on block boundaries)."""
+    step = 2 if t % 2 == 0 else 1
+    parts = step
+    while t % parts or t // parts > BLOCK:
+        parts += step
+    return parts
 
 
 def _split(a, parts: int, axis: int = 1):
     """Split a length dimension into `parts` blocks stacked first: [parts, ...]."""
     return None if a is None else jnp.stack(jnp.split(a, parts, axis=axis))
+
+
+def _at(tree, i):
+    """Block i of each stacked array (None stays None)."""
+    return tuple(None if a is None else jax.lax.dynamic_index_in_dim(a, i, 0, False) for a in tree)
+
+
+def _put(tree, i, values):
+    return tuple(
+        jax.lax.dynamic_update_index_in_dim(a, v, i, 0) for a, v in zip(tree, values, strict=True)
+    )
+
+
+def _loop(body, carry, n: int):
+    """`carry = body(i, carry)` for i < n, as a while loop: the kernel is never differentiated
+    (its VJP is ours), and a remat policy around it (dots) cannot stack per-step scores out of
+    a while loop the way it would out of a scan."""
+
+    def step(state):
+        i, carry = state
+        return i + 1, body(i, carry)
+
+    return jax.lax.while_loop(lambda state: state[0] < n, step, (jnp.int32(0), carry))[1]
 
 
 def _forward_block(stats, q, q_pos, q_seg, k, v, k_pos, k_seg, scale):
@@ -128,7 +160,7 @@ def _forward_block(stats, q, q_pos, q_seg, k, v, k_pos, k_seg, scale):
     return m_new, denom, acc
 
 
-def _backward_block(grads, q, q_pos, q_seg, k, v, k_pos, k_seg, do, lse, delta, scale):
+def _backward_block(grads, q, q_pos, q_seg, do, lse, delta, k, v, k_pos, k_seg, scale):
     """Add one key block's share to (dq, dk, dv) from the saved log-sum-exp."""
     dq, dk, dv = grads
     s = _scores(q, k, scale)
@@ -143,22 +175,32 @@ def _backward_block(grads, q, q_pos, q_seg, k, v, k_pos, k_seg, do, lse, delta, 
     return dq, dk, dv
 
 
-def _each_pair(fn, q_side, kv_side, carry_q, carry_kv):
-    """`fn` over the (query block, key block) pairs of a step, each skipped (a `cond`) when the
-    causal mask hides it; carry_q per query block, carry_kv per key block."""
-    carry_q, carry_kv = list(carry_q), list(carry_kv)
-    for a in range(len(carry_q)):
-        qa = tuple(None if x is None else x[a] for x in q_side)
-        for b in range(len(carry_kv)):
-            kb = tuple(None if x is None else x[b] for x in kv_side)
-            carry_q[a], carry_kv[b] = jax.lax.cond(
+def _each_pair(fn, queries, keys, carry_q, carry_k, parts: int):
+    """`(cq, ck) = fn(cq, ck, query block, key block)` over every pair of a step's blocks,
+    skipping (a `cond`) each pair the causal mask hides. queries: stacked (q, positions,
+    segments, ...), keys: stacked (k, v, positions, segments); carry_q / carry_k: stacked
+    per query / key block. Returns both carries."""
+
+    def over_queries(a, carries):
+        cq, ck = carries
+        qa, cqa = _at(queries, a), _at(cq, a)
+
+        def over_keys(b, inner):
+            cqa, ck = inner
+            kb = _at(keys, b)
+            cqa, ckb = jax.lax.cond(
                 _any_visible(qa[1], kb[2]),
-                lambda cq, ck, qa=qa, kb=kb: fn(cq, ck, qa, kb),
-                lambda cq, ck: (cq, ck),
-                carry_q[a],
-                carry_kv[b],
+                lambda cqa, ckb: fn(cqa, ckb, qa, kb),
+                lambda cqa, ckb: (cqa, ckb),
+                cqa,
+                _at(ck, b),
             )
-    return carry_q, carry_kv
+            return cqa, _put(ck, b, ckb) if ck else ck
+
+        cqa, ck = _loop(over_keys, (cqa, ck), parts)
+        return _put(cq, a, cqa), ck
+
+    return _loop(over_queries, (carry_q, carry_k), parts)
 
 
 class _Blocks:
@@ -195,18 +237,6 @@ class _Blocks:
         )
 
 
-def _loop(step, carry, n: int):
-    """`carry = step(carry, i)` for i < n, as a while loop: the kernel is never differentiated
-    (its VJP is ours), and a remat policy around it (dots) cannot stack per-step scores out of
-    a while loop the way it would out of a scan."""
-
-    def body(state):
-        i, carry = state
-        return i + 1, step(carry, i)
-
-    return jax.lax.while_loop(lambda state: state[0] < n, body, (jnp.int32(0), carry))[1]
-
-
 def _prepare(q, k):
     b, t, h, d = q.shape
     kv = k.shape[2]
@@ -217,37 +247,32 @@ def _forward(strategy, axes, n, q, k, v, q_pos, q_seg):
     """Per device: this device's queries against every key block -> (out, lse [B,K,G,T])."""
     b, t, h, d = q.shape
     qg, scale = _prepare(q, k)
-    g = qg.shape[3]
+    kvh, g = k.shape[2], qg.shape[3]
     blocks = _Blocks(strategy, axes, n)
     kv = (k, v, q_pos, q_seg)
     gathered = blocks.gather(kv)
     parts = _parts(t)
-    q_side = tuple(_split(a, parts) for a in (qg, q_pos, q_seg))
-    half = t // parts
-    stats0 = (
-        _full((b, k.shape[2], g, half), _NEG, q),
-        _full((b, k.shape[2], g, half), 0.0, q),
-        _full((b, half, k.shape[2], g, d), 0.0, q),
+    bs = t // parts
+    queries = tuple(_split(a, parts) for a in (qg, q_pos, q_seg))
+    stats = (
+        _full((parts, b, kvh, g, bs), _NEG, q),
+        _full((parts, b, kvh, g, bs), 0.0, q),
+        _full((parts, b, bs, kvh, g, d), 0.0, q),
     )
 
     def fold(stats, _, qa, kb):
-        return _forward_block(stats, qa[0], qa[1], qa[2], *kb, scale), None
+        return _forward_block(stats, *qa, *kb, scale), ()
 
-    def step(carry, i):
+    def step(i, carry):
         stats, current = carry
-        block = blocks.at(gathered, current, i)
-        kv_side = tuple(_split(a, parts) for a in block)
-        stats, _ = _each_pair(fold, q_side, kv_side, stats, (None,) * parts)
-        nxt = blocks.rotate(current) if strategy == "ring" else current
-        return stats, nxt
+        keys = tuple(_split(a, parts) for a in blocks.at(gathered, current, i))
+        stats, _ = _each_pair(fold, queries, keys, stats, (), parts)
+        return stats, blocks.rotate(current) if strategy == "ring" else current
 
-    stats, _ = _loop(step, ([stats0] * parts, kv), n)
-    outs, lses = [], []
-    for m, denom, acc in stats:
-        outs.append(acc / jnp.moveaxis(denom, -1, 1)[..., None])
-        lses.append(m + jnp.log(denom))
-    out = jnp.concatenate(outs, axis=1).astype(q.dtype).reshape(b, t, h, d)
-    lse = jnp.concatenate(lses, axis=-1)
+    (m, denom, acc), _ = _loop(step, (stats, kv), n)
+    out = acc / jnp.moveaxis(denom, -1, 2)[..., None]  # [parts, B, bs, K, G, D]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, t, h, d).astype(q.dtype)
+    lse = jnp.moveaxis(m + jnp.log(denom), 0, -2).reshape(b, kvh, g, t)
     return out, lse
 
 
@@ -264,51 +289,46 @@ def _backward(strategy, axes, n, q, k, v, q_pos, q_seg, out, lse, d_out):
     kv = (k, v, q_pos, q_seg)
     gathered = blocks.gather(kv)
     parts = _parts(t)
-    # lse and delta are split on their last (length) axis.
-    q_side = (*(_split(a, parts) for a in (qg, q_pos, q_seg, do)),
-              _split(lse, parts, -1), _split(delta, parts, -1))  # fmt: skip
-    zeros_kv = lambda s: _full((b, s, kvh, d), 0.0, q)  # noqa: E731
+    bs = t // parts
+    queries = (*(_split(a, parts) for a in (qg, q_pos, q_seg, do)),
+               _split(lse, parts, -1), _split(delta, parts, -1))  # fmt: skip
+    zeros = lambda *shape: _full(shape, 0.0, q)  # noqa: E731
 
-    def fold(dq, dkv, qa, kb):
-        dk, dv = dkv
-        dq, dk, dv = _backward_block((dq, dk, dv), qa[0], qa[1], qa[2], *kb, *qa[3:], scale)
-        return dq, (dk, dv)
+    def fold(dqa, dkb, qa, kb):
+        dqa, dk, dv = _backward_block((*dqa, *dkb), *qa, *kb, scale)
+        return (dqa,), (dk, dv)
 
-    def step(carry, i):
+    def step(i, carry):
         dq, current, d_current, d_gathered = carry
-        block = blocks.at(gathered, current, i)
-        kv_side = tuple(_split(a, parts) for a in block)
+        keys = tuple(_split(a, parts) for a in blocks.at(gathered, current, i))
         if strategy == "ring":
-            pieces = [_split(a, parts) for a in d_current]
-            dkv = [tuple(x[j] for x in pieces) for j in range(parts)]
+            dkv = tuple(_split(a, parts) for a in d_current)
         else:
-            dkv = [(zeros_kv(t // parts), zeros_kv(t // parts)) for _ in range(parts)]
-        dq, dkv = _each_pair(fold, q_side, kv_side, dq, dkv)
-        d_block = tuple(jnp.concatenate([p[j] for p in dkv], axis=1) for j in range(2))
+            dkv = (zeros(parts, b, bs, kvh, d), zeros(parts, b, bs, kvh, d))
+        dq, dkv = _each_pair(fold, queries, keys, dq, dkv, parts)
+        d_block = tuple(jnp.moveaxis(a, 0, 1).reshape(b, t, kvh, d) for a in dkv)
         if strategy == "ring":
             # The keys' gradients travel with them and are home after n rotations.
-            current, d_current = blocks.rotate(current), blocks.rotate(d_block)
-        else:
-            r = jax.lax.axis_index(axes)
-            j = (r - i) % n
-            d_gathered = tuple(
-                jax.lax.dynamic_update_slice_in_dim(
-                    a, jax.lax.dynamic_slice_in_dim(a, j * t, t, axis=1) + x, j * t, axis=1
-                )
-                for a, x in zip(d_gathered, d_block, strict=True)
+            return dq, blocks.rotate(current), blocks.rotate(d_block), d_gathered
+        j = (jax.lax.axis_index(axes) - i) % n
+        d_gathered = tuple(
+            jax.lax.dynamic_update_slice_in_dim(
+                a, jax.lax.dynamic_slice_in_dim(a, j * t, t, axis=1) + x, j * t, axis=1
             )
+            for a, x in zip(d_gathered, d_block, strict=True)
+        )
         return dq, current, d_current, d_gathered
 
-    dq0 = [_full((b, t // parts, kvh, g, d), 0.0, q)] * parts
+    dq = (zeros(parts, b, bs, kvh, g, d),)
     ring = strategy == "ring"
-    d_current = (zeros_kv(t), zeros_kv(t)) if ring else ()
-    d_gathered = () if ring else (zeros_kv(t * n), zeros_kv(t * n))
-    dq, _, d_current, d_gathered = _loop(step, (dq0, kv, d_current, d_gathered), n)
-    if strategy == "all_gather":
+    d_current = (zeros(b, t, kvh, d), zeros(b, t, kvh, d)) if ring else ()
+    d_gathered = () if ring else (zeros(b, t * n, kvh, d), zeros(b, t * n, kvh, d))
+    (dq,), _, d_current, d_gathered = _loop(step, (dq, kv, d_current, d_gathered), n)
+    if not ring:
         d_current = tuple(
             jax.lax.psum_scatter(a, axes, scatter_dimension=1, tiled=True) for a in d_gathered
         )
-    dq = jnp.concatenate(dq, axis=1).reshape(q.shape)
+    dq = jnp.moveaxis(dq, 0, 1).reshape(q.shape)
     dq, dk, dv = (_like(x, y) for x, y in zip((dq, *d_current), (q, k, v), strict=True))
     return dq, dk, dv
 

@@ -14,7 +14,7 @@ from engine.plan import Plan, violations
 from engine.trainer import train
 from models import LLAMA_PRESETS, Llama
 from models.layers import xla_attention
-from sharding import DEFAULT_RULES, axis_rules, make_mesh
+from sharding import DEFAULT_RULES, axis_rules, context, make_mesh
 from sharding.context import context_attention, load_balance_order, reorder, restore
 
 STEPS = 3
@@ -48,11 +48,14 @@ def test_load_balance_order_gives_each_device_an_early_and_a_late_chunk():
 
 
 @pytest.mark.parametrize("strategy", ["all_gather", "ring"])
-@pytest.mark.parametrize("length", [32, 20], ids=["even", "odd_shards"])
-def test_attention_and_its_gradients_equal_unsplit_attention(strategy, length):
+@pytest.mark.parametrize(
+    "length, block", [(32, 1024), (20, 1024), (32, 2)], ids=["even", "odd_shards", "many_blocks"]
+)
+def test_attention_and_its_gradients_equal_unsplit_attention(strategy, length, block, monkeypatch):
     """Every combination of document mask and load-balanced order, on context=4 x data=2,
     against the plain einsum kernel on whole sequences; shards of odd length (20 / 4) run one
-    block per device."""
+    block per device, and blocks of at most 2 positions four per device."""
+    monkeypatch.setattr(context, "BLOCK", block)
     b, h, kv, d = 2, 4, 2, 8
     q, k, v = (jax.random.normal(jax.random.key(i), (b, length, n, d))
                for i, n in enumerate((h, kv, kv)))  # fmt: skip
