@@ -274,3 +274,19 @@ def test_remat_policies_do_not_keep_the_blocks_of_attention():
             compiled = jax.jit(jax.grad(loss)).lower(state).compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
     assert temp["dots"] < temp["none"]
+
+
+def test_the_planner_splits_long_sequences_and_prices_the_exchange():
+    """1b at 32k tokens, 2 sequences, 8 H100s: the batch splits 2 ways at most, so the best
+    plans split the sequence; the key/value exchange is priced; short sequences never search
+    the axis."""
+    from engine.autoplan import plan_search, target_for
+    from engine.config import PRESETS
+
+    fits, _ = plan_search(PRESETS["1b_32k"], target_for("h100", 8))
+    best_plan, best = fits[0]
+    assert best_plan.mesh["context"] > 1
+    assert best.times_s["context"] > 0
+    assert all(plan.mesh["context"] == 1 or e.times_s["context"] > 0 for plan, e in fits)
+    fits, rejected = plan_search(PRESETS["tiny"], target_for("h100", 8))
+    assert {plan.mesh["context"] for plan, _ in fits + rejected} == {1}
