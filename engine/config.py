@@ -274,8 +274,9 @@ PRESETS: dict[str, Config] = {
     # rematerialized, the 128k-vocabulary loss in 16 chunks. benchmarks/context.py compiles it
     # ahead of time (python -m engine.plan --config 1b_32k --target.devices 8 prices it).
     "1b_32k": Config(
-        model=ModelConfig.of(LLAMA_PRESETS["1b"], remat="full", context_strategy="ring",
-                             loss_chunks=16),  # fmt: skip
+        model=ModelConfig.of(
+            LLAMA_PRESETS["1b"], remat="full", context_strategy="ring", loss_chunks=16
+        ),  # fmt: skip
         precision="bf16",
         batch_size=2,
         steps=200,

@@ -259,6 +259,13 @@ def _context_errors(cfg: Config, plan: Plan, sizes, stages: int, sequence_model:
             "--model.attention=xla."
         ))  # fmt: skip
     moe = getattr(model_arch(cfg), "moe", None)
+    if moe is not None and moe.experts and moe.capacity_factor is not None and balance:
+        errors.append(ConfigError(
+            f"--model.moe.capacity_factor={moe.capacity_factor} gives experts' slots in token "
+            "order, and --model.context_load_balance reorders each sequence, so other tokens "
+            "would be dropped; use --model.context_load_balance=False, or dropless routing "
+            "(--model.moe.capacity_factor=None)."
+        ))  # fmt: skip
     if moe is not None and moe.experts and stages > 1:
         errors.append(ConfigError(
             f"MoE layers in pipeline stages cannot also split sequences ({flags}): a stage "

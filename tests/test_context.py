@@ -235,6 +235,10 @@ def test_resume_onto_another_context_degree_then_generate(tmp_path, one_device):
         (dict(context=2, data=4), dict(context_strategy="ring", attention="cudnn"),
          "--model.context_strategy=ring runs its own blockwise attention and cannot use "
          "--model.attention=cudnn"),
+        (dict(context=2, expert=2, data=2),
+         dict(moe=dict(experts=4, top_k=2, d_ff=32, capacity_factor=1.25)),
+         "--model.moe.capacity_factor=1.25 gives experts' slots in token order, and "
+         "--model.context_load_balance reorders each sequence"),
         (dict(context=2, pipeline=2, data=2), dict(moe=dict(experts=4, top_k=2, d_ff=32)),
          "MoE layers in pipeline stages cannot also split sequences (--mesh.context=2)"),
     ],

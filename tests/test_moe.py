@@ -204,6 +204,7 @@ MESHES = [
     dict(data=2, expert=4),
     dict(fsdp=2, expert=2, tensor=2),
     dict(pipeline=2, expert=4),
+    dict(data=2, context=2, expert=2),  # tokens split along the length reach their experts
 ]
 
 
