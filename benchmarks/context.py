@@ -36,12 +36,15 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from engine.config import PRESETS  # noqa: E402
 from engine.estimate import compile_abstract, memory  # noqa: E402
 from engine.trainer import setup  # noqa: E402
 from models import LlamaConfig  # noqa: E402
-from sharding import MeshConfig  # noqa: E402
+from sharding import DEFAULT_RULES, MeshConfig, axis_rules, make_mesh  # noqa: E402
+from sharding.context import context_attention  # noqa: E402
 
 
 def with_keys(cfg, seq_len=None, batch_size=None, mesh=None, **model):
@@ -132,6 +135,22 @@ def part_balance(args):
               f"contiguous / balanced {off / on:5.2f}")  # fmt: skip
 
 
+def attention_temp_gb(seq: int, strategy: str) -> float:
+    """Per-device temporaries of context attention's forward and backward, compiled alone."""
+    mesh = make_mesh({"context": 8}, jax.devices()[:8])
+    split = NamedSharding(mesh, P(None, "context"))
+    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype, sharding=split)  # noqa: E731
+    args = (shape(1, seq, 32, 64), shape(1, seq, 8, 64), shape(1, seq, 8, 64),
+            shape(1, seq, dtype=jnp.int32))  # fmt: skip
+
+    def loss(q, k, v, positions):
+        return jnp.sum(context_attention(q, k, v, positions, strategy=strategy))
+
+    with jax.set_mesh(mesh), axis_rules(DEFAULT_RULES):
+        compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 1e9
+
+
 def part_strategies(args):
     variants = {
         s: small_long(args.seq, args.devices, context_strategy=s) for s in ("all_gather", "ring")
@@ -143,6 +162,17 @@ def part_strategies(args):
     )
     for label, t in times.items():
         print(f"{label:>10} {t * 1e3:8.1f} ms   x all_gather {t / times['all_gather']:5.2f}")
+    print(
+        "attention alone (forward and backward), 1b's heads (32 query, 8 key/value, 64 wide), "
+        "one sequence, context=8, bf16: XLA's temporaries per device"
+    )
+    for seq in args.lengths:
+        row = {s: attention_temp_gb(seq, s) for s in ("all_gather", "ring")}
+        print(
+            f"{seq:7d} tokens: all_gather {row['all_gather']:6.3f} GB  ring {row['ring']:6.3f}"
+            f" GB  ring / all_gather {row['ring'] / row['all_gather']:5.2f}",
+            flush=True,
+        )
     base = PRESETS["1b_32k"]
     print(f"memory: 1b shapes ({args.layers} layers), context=8, XLA's plan per device")
     for seq in args.lengths:
