@@ -9,7 +9,7 @@ device (a `shard_map` over the context axes) in one of two strategies:
   Cheap with grouped-query attention (K heads, not H); the gathered keys grow with the length.
 - `ring`: keys and values travel round the ring of devices (`ppermute`) while each device keeps
   an online softmax over the blocks it has seen; its backward pass sends the keys' gradients
-  round with them. Nothing on a device grows with the full length.
+  round with them. A device's memory grows with its own shard, never with the full length.
 
 Both walk the key blocks in the same order with one blockwise kernel (fp32 softmax statistics,
 a custom VJP that recomputes scores from the saved log-sum-exp), and skip a block that the
@@ -19,8 +19,8 @@ reorder below needs no change to attention.
 
 Load balancing. With a causal mask a contiguous split gives the last device the most visible
 keys. `load_balance_order` cuts the sequence into 2N chunks and gives device r chunks r and
-2N-1-r (the dual-chunk swap): every device then holds one early and one late chunk, and with
-blocks of half a shard, every device computes the same number of visible blocks per step.
+2N-1-r (the dual-chunk swap): every device then holds one early and one late chunk, and as
+blocks start on chunk boundaries, every device computes the same number of visible blocks.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def load_balance_order(length: int, n: int) -> np.ndarray:
 
 
 def reorder(batch: dict, n: int) -> dict:
-    """A [batch, length] batch in load-balanced order, with the `positions` rotary and the
-    causal mask follow (original indices, unless the batch brings its own). The loss is a sum
-    over tokens, so it is unchanged."""
+    """A [batch, length] batch in load-balanced order, with the `positions` that rotary and
+    the causal mask follow (original indices, unless the batch brings its own). The loss is a
+    sum over tokens, so it is unchanged."""
     length = batch["inputs"].shape[1]
     order = load_balance_order(length, n)
     out = {k: jnp.take(v, order, axis=1) if v.ndim >= 2 else v for k, v in batch.items()}
@@ -418,6 +418,13 @@ def _attention_bwd(strategy, mesh, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _on_gathered_keys(kernel, axes, n, q, k, v, q_pos, q_seg):
+    """Per device: `kernel(q, k, v, visible)` on this device's queries and every device's keys
+    (autodiff through the gather: its transpose reduce-scatters the keys' gradients)."""
+    k_all, v_all, k_pos, k_seg = _Blocks("all_gather", axes, n).gather((k, v, q_pos, q_seg))
+    return kernel(q, k_all, v_all, _visible(q_pos, k_pos, q_seg, k_seg)[:, 0, 0])
+
+
 def context_attention(q, k, v, positions, segments=None, strategy="all_gather", gathered=None):
     """Causal grouped-query attention with the length split over the context axes: q [B,T,H,D],
     k/v [B,T,K,D], positions and segments [B,T] (global arrays, split by the rule table).
@@ -439,15 +446,12 @@ def context_attention(q, k, v, positions, segments=None, strategy="all_gather", 
         # shard_map nested in its remat fails to lower (jax 0.10, 0.11).
         if gathered is None:
             return _local_attention(strategy, axes, n, q, k, v, positions, segments)
-        k_all, v_all, k_pos, k_seg = _Blocks(strategy, axes, n).gather((k, v, positions, segments))
-        return gathered(q, k_all, v_all, _visible(positions, k_pos, segments, k_seg)[:, 0, 0])
+        return _on_gathered_keys(gathered, axes, n, q, k, v, positions, segments)
     if gathered is None:
         return _attention(strategy, mesh, q, k, v, positions, segments)
 
-    def body(strategy, axes, n, q, k, v, positions, segments):
-        k_all, v_all, k_pos, k_seg = _Blocks(strategy, axes, n).gather((k, v, positions, segments))
-        visible = _visible(positions, k_pos, segments, k_seg)[:, 0, 0]
-        return gathered(q, k_all, v_all, visible)
+    def body(_, axes, n, *args):
+        return _on_gathered_keys(gathered, axes, n, *args)
 
     tokens, _, seg = _specs(mesh, segments)
     args = (q, k, v, positions, segments)

@@ -62,6 +62,7 @@ def test_contract_run_writes_metrics_config_and_tensorboard(tmp_path):
         "expert": 1,
         "data": 2,
         "fsdp": 2,
+        "context": 1,
         "tensor": 2,
         "pipeline": 1,
         "auto": False,

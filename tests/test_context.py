@@ -11,7 +11,6 @@ from flax import nnx
 
 from engine.config import ConfigError, validate
 from engine.plan import Plan, violations
-from engine.trainer import train
 from models import LLAMA_PRESETS, Llama
 from models.layers import xla_attention
 from sharding import DEFAULT_RULES, axis_rules, context, make_mesh
@@ -114,68 +113,6 @@ def test_logits_of_a_packed_batch_equal_the_unsplit_model(tmp_path):
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-# ---------------------------------------------------------------- training parity
-
-
-@pytest.fixture(scope="module")
-def one_device(tmp_path_factory):
-    with_docs = losses(train(context_config(tmp_path_factory.mktemp("one")), jax.devices()[:1]))
-    no_docs = context_config(tmp_path_factory.mktemp("plain"), document_mask=False)
-    return {True: with_docs, False: losses(train(no_docs, jax.devices()[:1]))}
-
-
-MESHES = [
-    dict(context=8),
-    dict(data=2, context=4),
-    dict(fsdp=2, context=2, tensor=2),
-    dict(data=2, context=2, pipeline=2),
-]
-
-
-@pytest.mark.parametrize("strategy", ["all_gather", "ring"])
-@pytest.mark.parametrize("mesh", MESHES, ids=mesh_id)
-def test_context_meshes_match_one_device(tmp_path, mesh, strategy, one_device):
-    got = losses(train(context_config(tmp_path, mesh, context_strategy=strategy)))
-    assert one_device[True][-1] < one_device[True][0] - 0.1  # it learns: equality means something
-    np.testing.assert_allclose(got, one_device[True], rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "strategy, document_mask, balance",
-    [("ring", False, False), ("all_gather", True, False), ("ring", False, True)],
-)
-def test_other_masks_and_orders_match_one_device(
-    tmp_path, strategy, document_mask, balance, one_device
-):
-    """On data=2 x context=4; the balanced, document-masked case runs on every mesh above, and
-    the attention test covers every combination for both strategies."""
-    cfg = context_config(tmp_path, dict(data=2, context=4), document_mask,
-                         context_strategy=strategy, context_load_balance=balance)  # fmt: skip
-    np.testing.assert_allclose(losses(train(cfg)), one_device[document_mask], rtol=1e-5)
-
-
-def test_activations_and_batch_are_split_along_the_length(tmp_path):
-    from engine.setup import setup
-
-    run = setup(context_config(tmp_path, dict(data=2, context=4)))
-    # [16 rows, 64 tokens]: rows over data, tokens over context.
-    assert run.batch_shardings["inputs"].shard_shape((16, 64)) == (8, 16)
-    model = nnx.merge(run.graphdef, run.state.params)
-    tokens = jnp.zeros((16, 64), jnp.int32)
-    with jax.set_mesh(run.mesh), axis_rules(run.plan.rules):
-        features, _ = jax.jit(lambda t: model.features(t))(tokens)
-    assert features.sharding.shard_shape(features.shape) == (8, 16, 64)
-
-
-def test_remat_accumulation_and_loss_chunks_match_one_device(tmp_path, one_device):
-    from engine.optim import OptimConfig
-
-    optim = OptimConfig(lr=3e-3, warmup_steps=50, microbatches=2)
-    cfg = context_config(tmp_path, dict(data=2, context=4), run=dict(optim=optim),
-                         context_strategy="ring", remat="full", loss_chunks=4)  # fmt: skip
-    np.testing.assert_allclose(losses(train(cfg)), one_device[True], rtol=1e-5)
-
-
 @pytest.mark.parametrize("strategy", ["all_gather", "ring"])
 def test_bf16_attention_tracks_fp32(strategy):
     """bf16 inputs, fp32 softmax statistics: within bf16 rounding of the fp32 result."""
@@ -187,34 +124,6 @@ def test_bf16_attention_tracks_fp32(strategy):
         got = attend(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(got.astype(jnp.float32), xla_attention(q, k, v), atol=0.03)
-
-
-def test_resume_onto_another_context_degree_then_generate(tmp_path, one_device):
-    """Checkpoints do not depend on the split: saved on context=4, resumed on context=2 x
-    tensor=2 with one device's losses; the trained model then generates on one device."""
-    from engine.callbacks import Callback
-    from engine.checkpoint import load_model
-    from engine.generate import Sampling, generate
-
-    class StopAfter2(Callback):
-        def on_step(self, trainer, record):
-            if record["step"] == 2:
-                trainer.stop_reason = "stopped after step 2 for the test"
-
-    keep = dataclasses.replace(tiny_config(tmp_path).checkpoint, final=True)
-    first = train(context_config(tmp_path, dict(data=2, context=4), run=dict(checkpoint=keep)),
-                  callbacks=[StopAfter2()])  # fmt: skip
-    rest = train(context_config(tmp_path, dict(data=2, context=2, tensor=2),
-                                run=dict(checkpoint=keep), context_strategy="ring"))  # fmt: skip
-    assert [r["step"] for r in rest] == [3]
-    np.testing.assert_allclose(losses(first + rest), one_device[True], rtol=1e-5)
-
-    model, _ = load_model(tmp_path)
-    prompt = np.arange(1, 9)[None]
-    sampling = Sampling(max_new_tokens=6, temperature=0.0)
-    cached = generate(model, prompt, sampling)
-    assert cached.shape == (1, 14)
-    np.testing.assert_array_equal(cached, generate(model, prompt, sampling, use_cache=False))
 
 
 # ---------------------------------------------------------------- bad input
@@ -294,3 +203,31 @@ def test_the_planner_splits_long_sequences_and_prices_the_exchange():
     assert all(plan.mesh["context"] == 1 or e.times_s["context"] > 0 for plan, e in fits)
     fits, rejected = plan_search(PRESETS["tiny"], target_for("h100", 8))
     assert {plan.mesh["context"] for plan, _ in fits + rejected} == {1}
+
+
+def test_a_kernel_on_gathered_keys_gets_the_causal_mask_by_position():
+    """The all_gather strategy's path for cuDNN (a kernel on gathered keys with an explicit
+    mask), run here with jax.nn.dot_product_attention's XLA implementation on the same mask."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 32, n, 8))
+               for i, n in enumerate((4, 2, 2)))  # fmt: skip
+    segments = jnp.asarray(np.cumsum(np.random.default_rng(0).random((2, 32)) < 0.15, 1))
+    order = load_balance_order(32, 4)
+    positions = jnp.broadcast_to(jnp.asarray(order), (2, 32))
+
+    def kernel(q, k, v, visible):
+        return jax.nn.dot_product_attention(q, k, v, mask=visible[:, None], implementation="xla")
+
+    def split(q, k, v):
+        q, k, v, seg = (jnp.take(a, order, axis=1) for a in (q, k, v, segments))
+        return restore(context_attention(q, k, v, positions, seg, "all_gather", kernel), 4)
+
+    def whole(q, k, v):
+        return xla_attention(q, k, v, None, segments)
+
+    with jax.set_mesh(make_mesh({"context": 4, "data": 2})), axis_rules(DEFAULT_RULES):
+        got = jax.jit(split)(q, k, v)
+        grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(split(*a))), (0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(got, whole(q, k, v), atol=2e-6)
+    want = jax.grad(lambda *a: jnp.sum(jnp.sin(whole(*a))), (0, 1, 2))(q, k, v)
+    for a, b in zip(grads, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)

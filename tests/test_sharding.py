@@ -11,7 +11,7 @@ from sharding import DEFAULT_RULES, MeshConfig, ShardingError, logical_to_spec, 
 
 def test_minus_one_fills_the_remaining_devices():
     assert MeshConfig(data=-1, tensor=2).resolve(8) == dict(
-        expert=1, data=4, fsdp=1, tensor=2, pipeline=1
+        expert=1, data=4, fsdp=1, context=1, tensor=2, pipeline=1
     )
     assert MeshConfig(data=2, fsdp=-1, tensor=2).resolve(8)["fsdp"] == 2
 
