@@ -166,3 +166,18 @@ def _write_json(path: Path, data: dict) -> None:
     part = path.with_name(path.name + ".part")
     part.write_text(json.dumps(data, indent=2) + "\n")
     part.replace(path)
+
+
+class PlotCurves(Callback):
+    """`--log.plot`: the run's curves (engine.plot.run_curves) in run_dir/curves.png at the end,
+    written by the process that writes metrics.jsonl."""
+
+    def on_end(self, trainer: Trainer, records: list[dict]) -> None:
+        if not trainer.primary or not records:
+            return
+        import matplotlib.pyplot as plt
+
+        from engine.plot import run_curves
+
+        run_dir = Path(trainer.cfg.run_dir)
+        plt.close(run_curves([run_dir], out=run_dir / "curves.png"))

@@ -148,6 +148,9 @@ class LogConfig:
     Process 0 only; skip the first steps, which include compilation and warm-up."""
     profile_steps: int = 3
     """Steps in the profiler trace."""
+    plot: bool = False
+    """Write run_dir/curves.png (loss, eval loss, throughput, MFU, memory against step;
+    engine.plot) when the run ends."""
 
 
 @dataclasses.dataclass(frozen=True)

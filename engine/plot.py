@@ -1,21 +1,134 @@
 """Plots as PNG files (matplotlib, no display needed).
 
-`study_plots`: a hyper-parameter study's optimization history and its metric against each
-searched value (engine.tune writes both into the study directory).
+`run_curves`: training curves of one or more run directories, one panel per metric against
+the step, runs overlaid (`python -m engine.plot RUN_DIR ...`; `--log.plot` writes a run's own
+`curves.png` when it ends). `study_plots`: a hyper-parameter study's optimization history and
+its metric against each searched value (engine.tune writes both into the study directory).
+
+    python -m engine.plot runs/default runs/moe --metrics loss,eval_loss --out compare.png
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: works without a display, in CI and on clusters
 import matplotlib.pyplot as plt  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+
+from engine.config import ConfigError  # noqa: E402
+
+DEFAULT_METRICS = ("loss", "eval_loss", "tokens_per_sec", "mfu", "peak_memory_gb")
 
 
-def _points(study, state: TrialState) -> list[tuple[int, dict, float]]:
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of `run_dir/metrics.jsonl`; a half-written last line (a run still writing)
+    is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} has no metrics.jsonl; pass a run directory that training wrote "
+            "(--run_dir of engine.train)."
+        )
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path} line {i + 1} is not JSON: {line[:60]!r}.") from None
+    return records
+
+
+def _series(records: list[dict], metric: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[metric]) for r in records
+              if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]  # fmt: skip
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _smooth(values: list[float], n: int) -> list[float]:
+    """Trailing mean over up to `n` points (the first points average what there is)."""
+    return [sum(values[max(0, i - n + 1) : i + 1]) / len(values[max(0, i - n + 1) : i + 1])
+            for i in range(len(values))]  # fmt: skip
+
+
+def _labels(run_dirs: Sequence[Path]) -> list[str]:
+    """Each run's directory name, or its last two parts where names repeat."""
+    names = [p.name for p in run_dirs]
+    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in run_dirs]
+
+
+def run_curves(run_dirs, metrics: Sequence[str] | None = None, out=None, smooth: int = 1):
+    """One panel per metric against step, each run a line (labelled by its directory); returns
+    the matplotlib Figure (saved to `out` as a PNG when given). `metrics` default to those of
+    DEFAULT_METRICS some run logged; a metric no run has is one error sentence."""
+    run_dirs = [Path(d) for d in run_dirs]
+    runs = {label: read_metrics(d) for label, d in zip(_labels(run_dirs), run_dirs, strict=True)}
+    present = {m for records in runs.values() for r in records for m, v in r.items()
+               if isinstance(v, (int, float)) and m != "step"}  # fmt: skip
+    if metrics is None:
+        metrics = [m for m in DEFAULT_METRICS if m in present] or sorted(present)[:1]
+    missing = [m for m in metrics if m not in present]
+    if missing or not metrics:
+        raise ConfigError(
+            f"No run in {', '.join(map(str, run_dirs))} logged {', '.join(missing) or 'anything'}"
+            f"; they hold {', '.join(sorted(present)) or 'no metrics yet'}."
+        )
+    if smooth < 1:
+        raise ConfigError(f"--smooth={smooth} must be at least 1 (1 = no smoothing).")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        steps_seen = []
+        for label, records in runs.items():
+            steps, values = _series(records, metric)
+            if steps:
+                ax.plot(steps, _smooth(values, smooth), label=label,
+                        marker="o" if len(steps) < 20 else None)  # fmt: skip
+                steps_seen += steps
+        # A log step axis where the run spans decades: the early curve is where things happen.
+        if steps_seen and min(steps_seen) > 0 and max(steps_seen) / min(steps_seen) >= 100:
+            ax.set_xscale("log")
+        ax.set(xlabel="step", title=metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=110)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.plot", description="Training curves of run directories, overlaid."
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--metrics", help=f"comma-separated (default: {','.join(DEFAULT_METRICS)}"
+                        " where logged)")  # fmt: skip
+    parser.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png for one run, "
+                        "curves.png for several)")  # fmt: skip
+    parser.add_argument("--smooth", type=int, default=1, help="trailing mean over N points")
+    args = parser.parse_args(argv)
+    out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1
+                       else Path("curves.png"))  # fmt: skip
+    metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
+    try:
+        fig = run_curves(args.run_dirs, metrics, out, args.smooth)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    plt.close(fig)
+    print(f"wrote {out}")
+    return 0
+
+
+def _points(study, state) -> list[tuple[int, dict, float]]:
     """(number, params, value) of the trials in `state`; a pruned trial's value is its last
     report."""
     from engine.tune import trial_value
@@ -27,6 +140,8 @@ def _points(study, state: TrialState) -> list[tuple[int, dict, float]]:
 def study_plots(study, dims, metric: str, out_dir: str | Path) -> list[Path]:
     """`history.png` (each trial's result and the best so far) and `params.png` (the metric
     against each searched value) in `out_dir`."""
+    from optuna.trial import TrialState
+
     out_dir = Path(out_dir)
     complete = _points(study, TrialState.COMPLETE)
     pruned = _points(study, TrialState.PRUNED)
@@ -68,3 +183,7 @@ def study_plots(study, dims, metric: str, out_dir: str | Path) -> list[Path]:
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
     return paths
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from engine.callbacks import Callback, EarlyStopping
+from engine.callbacks import Callback, EarlyStopping, PlotCurves
 from engine.checkpoint import Checkpoints, restore_params
 from engine.config import Config, TrainingHalted
 from engine.data import prefetch
@@ -131,6 +131,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         if cfg.early_stop.enabled:
             self.callbacks.append(EarlyStopping(cfg.early_stop))
+        if cfg.log.plot:
+            self.callbacks.append(PlotCurves())
         self.start = 0
         self.stop_reason: str | None = None  # why the loop stopped before cfg.steps
         self.checkpoints: Checkpoints | None = None
