@@ -272,24 +272,6 @@ PRESETS: dict[str, Config] = {
         eval_every=0,
         optim=OptimConfig(lr=3e-4, warmup_steps=20),
     ),
-    # Long context: `1b` at 32k tokens per sequence, the sequence split over 8 devices
-    # (--mesh.context=8, ring attention, load-balanced; weights ZeRO-split over them), fully
-    # rematerialized, the 128k-vocabulary loss in 16 chunks. benchmarks/context.py compiles it
-    # ahead of time (python -m engine.plan --config 1b_32k --target.devices 8 prices it).
-    "1b_32k": Config(
-        model=ModelConfig.of(
-            LLAMA_PRESETS["1b"], remat="full", context_strategy="ring", loss_chunks=16
-        ),  # fmt: skip
-        precision="bf16",
-        batch_size=2,
-        steps=200,
-        checkpoint=CheckpointConfig(every=50),
-        run_dir="runs/1b_32k",
-        data=DataConfig(seq_len=32_768, eval_batches=1),
-        eval_every=0,
-        mesh=MeshConfig(data=1, context=8),
-        optim=OptimConfig(lr=3e-4, warmup_steps=20),
-    ),
     # Llama 3 8B shapes in bf16 at 4k context, fully rematerialized: needs FSDP over many devices.
     "8b": Config(
         model=ModelConfig.of(LLAMA_PRESETS["8b"], remat="full"),
@@ -304,6 +286,21 @@ PRESETS: dict[str, Config] = {
         optim=OptimConfig(lr=3e-4, warmup_steps=20),
     ),
 }
+
+# Long context: `1b` at 32k tokens per sequence, the sequence split over 8 devices
+# (--mesh.context=8, ring attention, load-balanced; weights ZeRO-split over them), fully
+# rematerialized, the 128k-vocabulary loss in 16 chunks. benchmarks/context.py compiles it ahead
+# of time (python -m engine.plan --config 1b_32k --target.devices 8 prices it).
+PRESETS["1b_32k"] = dataclasses.replace(
+    PRESETS["1b"],
+    model=dataclasses.replace(
+        PRESETS["1b"].model, remat="full", context_strategy="ring", loss_chunks=16
+    ),
+    batch_size=2,
+    run_dir="runs/1b_32k",
+    data=DataConfig(seq_len=32_768, eval_batches=1),
+    mesh=MeshConfig(data=1, context=8),
+)
 
 
 def _flags(overrides: dict, prefix: str = "") -> list[str]:

@@ -55,8 +55,8 @@ def _series(records: list[dict], metric: str) -> tuple[list[int], list[float]]:
 
 def _smooth(values: list[float], n: int) -> list[float]:
     """Trailing mean over up to `n` points (the first points average what there is)."""
-    return [sum(values[max(0, i - n + 1) : i + 1]) / len(values[max(0, i - n + 1) : i + 1])
-            for i in range(len(values))]  # fmt: skip
+    windows = (values[max(0, i - n + 1) : i + 1] for i in range(len(values)))
+    return [sum(w) / len(w) for w in windows]
 
 
 def _labels(run_dirs: Sequence[Path]) -> list[str]:
@@ -74,12 +74,12 @@ def run_curves(run_dirs, metrics: Sequence[str] | None = None, out=None, smooth:
     present = {m for records in runs.values() for r in records for m, v in r.items()
                if isinstance(v, (int, float)) and m != "step"}  # fmt: skip
     if metrics is None:
-        metrics = [m for m in DEFAULT_METRICS if m in present] or sorted(present)[:1]
-    missing = [m for m in metrics if m not in present]
-    if missing or not metrics:
+        metrics = [m for m in DEFAULT_METRICS if m in present]
+    missing = [m for m in metrics if m not in present] or ([] if metrics else DEFAULT_METRICS)
+    if missing:
         raise ConfigError(
-            f"No run in {', '.join(map(str, run_dirs))} logged {', '.join(missing) or 'anything'}"
-            f"; they hold {', '.join(sorted(present)) or 'no metrics yet'}."
+            f"No run in {', '.join(map(str, run_dirs))} logged {', '.join(missing)}; they hold "
+            f"{', '.join(sorted(present)) or 'no metrics yet'}."
         )
     if smooth < 1:
         raise ConfigError(f"--smooth={smooth} must be at least 1 (1 = no smoothing).")

@@ -85,8 +85,9 @@ def make_losses_fn(
             return dict(
                 zip(SUMS, cross_entropy(logits, batch["targets"], batch["mask"]), strict=True)
             )
-        if load_balance and context_degree() > 1:
-            batch = reorder(batch, context_degree())
+        split = context_degree()
+        if load_balance and split > 1:
+            batch = reorder(batch, split)
         inputs = policy.cast_to_compute(batch["inputs"])
         features, aux = model.features(inputs, batch.get("segments"), batch.get("positions"))
         logits_fn = lambda x: policy.cast_to_output(model.logits(x))  # noqa: E731

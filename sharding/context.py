@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from sharding.rules import axes_of, current_rules, logical_to_spec
+from sharding.rules import current_rules, splitting_axes
 
 STRATEGIES = ("all_gather", "ring")
 LENGTH = "length"  # the logical name context parallelism splits
@@ -44,10 +44,7 @@ def context_axes(mesh=None) -> tuple[str, ...]:
     """The mesh axes (size > 1) that split the `length` of a [batch, length] activation, even
     inside a shard_map over them (a pipeline stage)."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    if mesh.empty:
-        return ()
-    spec = logical_to_spec(("batch", LENGTH), current_rules())
-    return tuple(a for a in axes_of(spec[1]) if mesh.shape.get(a, 1) > 1)
+    return () if mesh.empty else splitting_axes(("batch", LENGTH), current_rules(), mesh.shape)
 
 
 def context_degree(mesh=None) -> int:
