@@ -175,9 +175,7 @@ class PlotCurves(Callback):
     def on_end(self, trainer: Trainer, records: list[dict]) -> None:
         if not trainer.primary or not records:
             return
-        import matplotlib.pyplot as plt
-
         from engine.plot import run_curves
 
         run_dir = Path(trainer.cfg.run_dir)
-        plt.close(run_curves([run_dir], out=run_dir / "curves.png"))
+        run_curves([run_dir], out=run_dir / "curves.png")

@@ -204,6 +204,25 @@ class Config:
     architecture (every execution-plan key, e.g. --model.remat, still applies)."""
     debug: DebugConfig = DebugConfig()
 
+    def replace(self, **changes) -> Config:
+        """A copy with these keys changed, as the command line would change them; a section
+        takes a dict of its keys: `cfg.replace(steps=100, mesh={"fsdp": 8}, optim={"lr": 1e-3})`.
+        """
+        cfg = self
+        for dotted, value in _dotted(changes):
+            if dotted not in _config_keys(Config):
+                raise ConfigError(f"'{dotted}' is not a config key{unknown_key_hint(dotted)}")
+            cfg = replace_key(cfg, dotted, value)
+        return cfg
+
+
+def _dotted(changes: dict, prefix: str = ""):
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
 
 PRESETS: dict[str, Config] = {
     # CPU tests: a 2-layer model, well under a second a step on 8 virtual devices.

@@ -1,4 +1,4 @@
-"""Plots as PNG files (matplotlib, no display needed).
+"""Training and study plots (matplotlib figures: saved as PNG, or shown inline in a notebook).
 
 `run_curves`: training curves of one or more run directories, one panel per metric against
 the step, runs overlaid (`python -m engine.plot RUN_DIR ...`; `--log.plot` writes a run's own
@@ -17,12 +17,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+# Figures, not pyplot: no display or GUI backend is needed (CI, clusters, tuning threads), and
+# importing this module leaves the user's backend (a notebook's inline one) as it was.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: works without a display, in CI and on clusters
-import matplotlib.pyplot as plt  # noqa: E402
-
-from engine.config import ConfigError  # noqa: E402
+from engine.config import ConfigError
 
 DEFAULT_METRICS = ("loss", "eval_loss", "tokens_per_sec", "mfu", "peak_memory_gb")
 
@@ -59,6 +58,10 @@ def _smooth(values: list[float], n: int) -> list[float]:
     return [sum(w) / len(w) for w in windows]
 
 
+def _spans_decades(values: list[float]) -> bool:
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= 100
+
+
 def _labels(run_dirs: Sequence[Path]) -> list[str]:
     """Each run's directory name, or its last two parts where names repeat."""
     names = [p.name for p in run_dirs]
@@ -68,7 +71,8 @@ def _labels(run_dirs: Sequence[Path]) -> list[str]:
 def run_curves(run_dirs, metrics: Sequence[str] | None = None, out=None, smooth: int = 1):
     """One panel per metric against step, each run a line (labelled by its directory); returns
     the matplotlib Figure (saved to `out` as a PNG when given). `metrics` default to those of
-    DEFAULT_METRICS some run logged; a metric no run has is one error sentence."""
+    DEFAULT_METRICS some run logged; a metric no run has is one error sentence. `smooth`
+    averages per-step metrics over that many points; evaluations (eval_*) are drawn as logged."""
     run_dirs = [Path(d) for d in run_dirs]
     runs = {label: read_metrics(d) for label, d in zip(_labels(run_dirs), run_dirs, strict=True)}
     present = {m for records in runs.values() for r in records for m, v in r.items()
@@ -83,18 +87,24 @@ def run_curves(run_dirs, metrics: Sequence[str] | None = None, out=None, smooth:
         )
     if smooth < 1:
         raise ConfigError(f"--smooth={smooth} must be at least 1 (1 = no smoothing).")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        steps_seen = []
+        steps_seen, values_seen = [], []
         for label, records in runs.items():
             steps, values = _series(records, metric)
             if steps:
-                ax.plot(steps, _smooth(values, smooth), label=label,
+                window = 1 if metric.startswith("eval_") else smooth
+                ax.plot(steps, _smooth(values, window), label=label,
                         marker="o" if len(steps) < 20 else None)  # fmt: skip
                 steps_seen += steps
-        # A log step axis where the run spans decades: the early curve is where things happen.
-        if steps_seen and min(steps_seen) > 0 and max(steps_seen) / min(steps_seen) >= 100:
+                values_seen += values
+        # Log axes where the data span decades: the early steps are where things happen, and a
+        # diverged run's loss would otherwise flatten every other curve.
+        if _spans_decades(steps_seen):
             ax.set_xscale("log")
+        if _spans_decades(values_seen):
+            ax.set_yscale("log")
         ax.set(xlabel="step", title=metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")
@@ -113,17 +123,21 @@ def main(argv: list[str] | None = None) -> int:
                         " where logged)")  # fmt: skip
     parser.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png for one run, "
                         "curves.png for several)")  # fmt: skip
-    parser.add_argument("--smooth", type=int, default=1, help="trailing mean over N points")
+    parser.add_argument(
+        "--smooth",
+        type=int,
+        default=1,
+        help="trailing mean over N points (per-step metrics; evaluations are drawn as logged)",
+    )
     args = parser.parse_args(argv)
     out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1
                        else Path("curves.png"))  # fmt: skip
     metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
     try:
-        fig = run_curves(args.run_dirs, metrics, out, args.smooth)
+        run_curves(args.run_dirs, metrics, out, args.smooth)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    plt.close(fig)
     print(f"wrote {out}")
     return 0
 
@@ -150,7 +164,8 @@ def study_plots(study, dims, metric: str, out_dir: str | Path) -> list[Path]:
     better = min if study.direction.name == "MINIMIZE" else max
     paths = [out_dir / "history.png", out_dir / "params.png"]
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if pruned:
         ax.scatter(*zip(*[(n, v) for n, _, v in pruned], strict=True), marker="x",
                    color="0.6", label="pruned (last report)")  # fmt: skip
@@ -164,9 +179,9 @@ def study_plots(study, dims, metric: str, out_dir: str | Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(dims), figsize=(4 * len(dims), 3.5), squeeze=False)
+    fig = Figure(figsize=(4 * len(dims), 3.5))
+    axes = fig.subplots(1, len(dims), squeeze=False)
     for ax, dim in zip(axes[0], dims, strict=True):
         # Choices sit at their index, in the order the space lists them.
         where = dim.values.index if dim.kind == "choice" else (lambda v: v)
@@ -181,7 +196,6 @@ def study_plots(study, dims, metric: str, out_dir: str | Path) -> list[Path]:
         ax.set(xlabel=dim.key, ylabel=metric)
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
     return paths
 
 

@@ -164,6 +164,25 @@ def named_leaves(tree) -> list[tuple[tuple[int, ...], jax.numpy.dtype, tuple[str
     return out
 
 
+def layout(tree) -> str:
+    """A table of how each array of `tree` (sharded params or state) lies on its mesh: logical
+    names, the mesh axes each dimension is split over, and the shape every device holds."""
+    rows = [("array", "shape", "logical names", "split over", "per device")]
+    for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_var):
+        names = _names(x) if _is_var(x) else (None,) * x.ndim
+        value = x.get_value() if _is_var(x) else x
+        spec = tuple(value.sharding.spec) + (None,) * (value.ndim - len(value.sharding.spec))
+        name = ".".join(str(getattr(k, "key", k)) for k in path if getattr(k, "key", k) != "value")
+        rows.append((
+            name, "x".join(map(str, value.shape)), ", ".join(n or "-" for n in names),
+            ", ".join("x".join(a) if isinstance(a, tuple) else a or "-" for a in spec),
+            "x".join(map(str, value.sharding.shard_shape(value.shape))),
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)  # fmt: skip
+
+
 def divisibility_errors(tree, mesh, rules: Rules) -> list[ShardingError]:
     """One `ShardingError` per parameter dimension its mesh axes cannot split (`mesh` may be
     abstract: only its axis sizes are read)."""

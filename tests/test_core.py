@@ -252,6 +252,19 @@ def test_a_plans_flags_give_the_same_plan():
     assert again == plan
 
 
+def test_config_replace_changes_keys_as_the_command_line_does():
+    from engine.config import PRESETS, parse_args
+
+    flags = ["--steps=7", "--mesh.data=2", "--mesh.tensor=4", "--optim.lr=0.01", "--seed=3"]
+    got = PRESETS["tiny"].replace(steps=7, mesh={"data": 2, "tensor": 4}, optim={"lr": 0.01},
+                                  seed=3)  # fmt: skip
+    assert got == parse_args(["--config", "tiny", *flags])
+    with pytest.raises(
+        ConfigError, match="'optim.lrr' is not a config key; did you mean 'optim.lr'"
+    ):
+        PRESETS["tiny"].replace(optim={"lrr": 1.0})
+
+
 class ProbeLoss(SwiGLU):
     """The dense block with a parameter-dependent aux value its family weights into the loss."""
 

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from conftest import cli, tiny_config
@@ -39,15 +38,16 @@ def test_panels_hold_each_runs_metrics_against_step(two_runs):
             np.testing.assert_array_equal(line.get_xdata(), [r["step"] for r in records])
             np.testing.assert_allclose(line.get_ydata(), [r[metric] for r in records])
     assert len(eval_ax.lines[0].get_xdata()) == 3  # steps 2, 4, 6
-    plt.close(fig)
 
 
-def test_smoothing_is_a_trailing_mean(two_runs):
-    fig = run_curves(two_runs[:1], ["loss"], smooth=3)
-    losses = [r["loss"] for r in read_metrics(two_runs[0])]
+def test_smoothing_is_a_trailing_mean_of_per_step_metrics_only(two_runs):
+    fig = run_curves(two_runs[:1], ["loss", "eval_loss"], smooth=3)
+    records = read_metrics(two_runs[0])
+    losses = [r["loss"] for r in records]
     want = [np.mean(losses[max(0, i - 2) : i + 1]) for i in range(len(losses))]
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), want)
-    plt.close(fig)
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), evals)  # as evaluated
 
 
 def test_log_plot_writes_the_runs_curves_at_the_end(two_runs):
@@ -84,3 +84,17 @@ def test_command_line_writes_a_png_and_refuses_bad_input(two_runs, tmp_path):
         f"error: {tmp_path} has no metrics.jsonl; pass a run directory that training wrote "
         "(--run_dir of engine.train)."
     )
+
+
+def test_axes_turn_logarithmic_only_where_the_data_span_decades(tmp_path):
+    steps = range(1, 201)
+    records = [{"step": s, "loss": 5000.0 / s, "eval_accuracy": 0.5 + s / 1000} for s in steps]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    fig = run_curves([tmp_path], ["loss", "eval_accuracy"])
+    loss, accuracy = fig.axes
+    assert (loss.get_xscale(), loss.get_yscale()) == ("log", "log")  # a diverged run's scale
+    assert (accuracy.get_xscale(), accuracy.get_yscale()) == ("log", "linear")
+    short = [{"step": s, "loss": 2.0 + 1 / s} for s in range(10, 60)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in short))
+    (axis,) = run_curves([tmp_path], ["loss"]).axes
+    assert (axis.get_xscale(), axis.get_yscale()) == ("linear", "linear")

@@ -6,7 +6,14 @@ from jax.sharding import PartitionSpec as P
 
 from engine.metrics import planned_memory_gb
 from engine.trainer import setup
-from sharding import DEFAULT_RULES, MeshConfig, ShardingError, logical_to_spec, make_mesh
+from sharding import (
+    DEFAULT_RULES,
+    MeshConfig,
+    ShardingError,
+    layout,
+    logical_to_spec,
+    make_mesh,
+)
 
 
 def test_minus_one_fills_the_remaining_devices():
@@ -84,6 +91,18 @@ def test_every_parameter_and_moment_is_sharded_as_the_rules_say(mesh, tiny):
     for tree in (run.state.params, adam.mu, adam.nu):
         assert _shard_shapes(tree) == want
         assert all(len(x.addressable_shards) == 8 for x in jax.tree.leaves(tree))
+    # sharding.layout prints the same blocks, with each dimension's name and mesh axes.
+    header, *rows = [line.split("  ") for line in layout(run.state.params).splitlines()]
+    rows = {r[0]: [c.strip() for c in r[1:] if c.strip()] for r in rows}
+    assert header[0] == "array" and len(rows) == len(want)
+    for path, shape in want.items():
+        assert rows[".".join(path)][-1] == "x".join(map(str, shape))
+    names, axes = rows["layers.wk"][1:3]
+    assert names == "layers, embed, kv_heads, head_dim"
+    assert (
+        axes
+        == f"-, {'fsdp' if 'fsdp' in mesh else '-'}, {'tensor' if 'tensor' in mesh else '-'}, -"
+    )
 
 
 def test_indivisible_dimension_names_parameter_and_axis(tiny):
