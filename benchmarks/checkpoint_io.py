@@ -10,6 +10,8 @@ process, in alternating rounds:
   raw       write the same number of bytes as 8 files in parallel (write + fsync), read back;
   save      `Checkpoints.save` as the loop calls it: `blocked` is how long the call held the loop,
             `committed` is when orbax finished the step, `durable` adds an fsync of its files;
+            then the same state saved with the other `--checkpoint.compress` setting (zstd or
+            not) into a second directory, with its size on disk;
   steps     train steps with no save in flight, then while a second save runs behind them;
   restore   the newest checkpoint read back into the mesh's sharding (`Checkpoints.restore_latest`).
 Reads are after `posix_fadvise(DONTNEED)` on every file, so they come from the disk (or the
@@ -122,6 +124,14 @@ def main() -> None:
     )
     run = setup(cfg)
     ckpt = Checkpoints(run)
+    # The other setting of --checkpoint.compress, saved in the same rounds into its own
+    # directory: zstd's cost and gain measured side by side.
+    other_cfg = cfg.replace(
+        run_dir=str(root / "other"), checkpoint={"compress": not cfg.checkpoint.compress}
+    )
+    other = Checkpoints(dataclasses.replace(run, cfg=other_cfg))
+    names = {True: "zstd", False: "uncompressed"}
+    this_name, other_name = names[cfg.checkpoint.compress], names[not cfg.checkpoint.compress]
     leaves = jax.tree.leaves(run.state)
     gb = sum(x.nbytes for x in leaves) / 1e9
     # The raw comparison writes as many bytes as the state, as random data (nothing compresses).
@@ -143,6 +153,13 @@ def main() -> None:
         committed = time.perf_counter() - start
         durable = committed + sync_and_evict(ckpt.directory / str(step))
 
+        start = time.perf_counter()
+        other.save(step, run.state)
+        other.wait()
+        other_durable = time.perf_counter() - start + sync_and_evict(other.directory / str(step))
+        sizes = [sum(f.stat().st_size for f in _files(c.directory / str(step))) / 1e9
+                 for c in (ckpt, other)]  # fmt: skip
+
         quiet = statistics.median(time_steps(run, args.steps))
         ckpt.save(step + 1, run.state)  # and one behind train steps: what the steps pay
         busy = statistics.median(time_steps(run, args.steps))
@@ -159,16 +176,19 @@ def main() -> None:
         del restored
         rows.append(
             dict(raw_w=raw_w, raw_r=raw_r, blocked=blocked, committed=committed, durable=durable,
-                 restore=restore, quiet=quiet, busy=busy)
+                 restore=restore, quiet=quiet, busy=busy, other=other_durable)
         )  # fmt: skip
         print(
             f"round {i + 1}: raw write {gb / raw_w:.2f} GB/s, read {gb / raw_r:.2f} GB/s | save "
             f"blocked {blocked:.2f}s, committed {committed:.2f}s ({gb / committed:.2f} GB/s), "
-            f"durable {durable:.2f}s ({gb / durable:.2f} GB/s) | restore {restore:.2f}s "
+            f"durable {durable:.2f}s ({gb / durable:.2f} GB/s, {sizes[0]:.2f} GB on disk) | "
+            f"{other_name} save durable {other_durable:.2f}s ({gb / other_durable:.2f} GB/s, "
+            f"{sizes[1]:.2f} GB) | restore {restore:.2f}s "
             f"({gb / restore:.2f} GB/s) | step {quiet * 1e3:.0f} ms, during save "
             f"{busy * 1e3:.0f} ms"
         )
     ckpt.close()
+    other.close()
 
     def med(key):
         return statistics.median(r[key] for r in rows)
@@ -178,6 +198,11 @@ def main() -> None:
         f"({gb / med('committed'):.2f} committed) vs raw write {gb / med('raw_w'):.2f} GB/s "
         f"-> {med('raw_w') / med('durable'):.2f}x raw | restore {gb / med('restore'):.2f} GB/s "
         f"vs raw read {gb / med('raw_r'):.2f} GB/s -> {med('raw_r') / med('restore'):.2f}x raw"
+    )
+    print(
+        f"{other_name} save: {gb / med('other'):.2f} GB/s durable -> "
+        f"{med('raw_w') / med('other'):.2f}x raw ({this_name}: "
+        f"{med('raw_w') / med('durable'):.2f}x)"
     )
     blocked_share = [r["blocked"] / r["committed"] for r in rows]
     print(

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -68,6 +69,13 @@ def _train_item(state: TrainState) -> dict:
     return item
 
 
+def _restore_args(abstract) -> ocp.args.PyTreeRestore:
+    """Read a saved tree straight into the shardings of `abstract` (ShapeDtypeStructs)."""
+    return ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
+    )
+
+
 class Layout:
     """Converts a train state (or its params) between this run's layout and the canonical one
     checkpoints use, with the shardings of this run's mesh on both sides."""
@@ -108,11 +116,21 @@ class Checkpoints:
             enable_background_delete=True,
             cleanup_tmp_directories=True,  # half-written steps from a killed run
         )
+        # PyTree handlers, because only they let zstd be switched off (--checkpoint.compress);
+        # the files are the same format StandardCheckpointer reads (load_model, export).
+        handlers = {
+            "params": ocp.PyTreeCheckpointHandler(use_compression=cfg.compress),
+            "train": ocp.PyTreeCheckpointHandler(use_compression=cfg.compress),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
         with _orbax_turn():
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=handlers
+            )
         self.layout = Layout(run)
         # Not stored: a resumed run uses the optimizer settings it is given now.
-        self.hyperparams = run.state.hyperparams
+        # A copy: the step donates the state it is given, these buffers included.
+        self.hyperparams = jax.tree.map(jnp.copy, run.state.hyperparams)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -136,8 +154,8 @@ class Checkpoints:
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(state.params),
-                    train=ocp.args.StandardSave(_train_item(state)),
+                    params=ocp.args.PyTreeSave(state.params),
+                    train=ocp.args.PyTreeSave(_train_item(state)),
                     meta=ocp.args.JsonSave(meta),
                 ),
                 force=True,  # the caller decides when; orbax's own interval policy is unused
@@ -190,8 +208,8 @@ class Checkpoints:
             restored = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract.params),
-                    train=ocp.args.StandardRestore(_train_item(abstract)),
+                    params=_restore_args(abstract.params),
+                    train=_restore_args(_train_item(abstract)),
                     meta=ocp.args.JsonRestore(),
                 ),
             )
@@ -201,7 +219,7 @@ class Checkpoints:
             restored["params"],
             train["opt_state"],
             train.get("loss_scale"),
-            self.hyperparams,
+            jax.tree.map(jnp.copy, self.hyperparams),  # each restored state owns its own
         )
         return self.layout.state_from_canonical(state), restored["meta"]
 
@@ -210,7 +228,7 @@ class Checkpoints:
         abstract = self.layout.abstract.params
         with _orbax_turn(self.manager):
             restored = self.manager.restore(
-                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+                step, args=ocp.args.Composite(params=_restore_args(abstract))
             )
         return self.layout.params_from_canonical(restored["params"])
 

@@ -169,3 +169,33 @@ def test_init_from_another_run_or_its_params_export(tmp_path, uninterrupted):
     from_export = cli(*config, f"--init_from={out}", "--steps=1", *mesh)
     assert from_export.returncode == 0, from_export.stderr
     np.testing.assert_allclose(losses(tmp_path / "from_export")[1], tuned[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["zstd", "uncompressed"])
+def test_restore_after_donating_steps_trains_on_bitwise(tmp_path, compress):
+    """Checkpoints kept by a loop that has since donated its state (as the step does) restore
+    a state that trains on, exactly as the uninterrupted state does; both compress settings."""
+    import jax
+    from conftest import tiny_config
+
+    from engine.checkpoint import Checkpoints
+    from engine.setup import setup
+
+    cfg = tiny_config(tmp_path / "run", mesh={"fsdp": 8}).replace(checkpoint={"compress": compress})
+    run = setup(cfg)
+    ckpt = Checkpoints(run)
+
+    def step(state, i):
+        return run.train_step(state, run.put_batch(run.task.train_batch(i)))
+
+    state, _ = step(run.state, 0)  # donates the initial state, hyperparams included
+    ckpt.save(1, state)
+    ckpt.wait()
+    restored = ckpt.restore_latest()
+    want, _ = step(state, 1)
+    got, _ = step(restored.state, 1)
+    ckpt.close()
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    files = [f for f in (tmp_path / "run" / "checkpoints" / "1").rglob("*") if f.is_file()]
+    assert files and restored.step == 1
