@@ -221,6 +221,7 @@ class Config:
 
 
 def _dotted(changes: dict, prefix: str = ""):
+    """Nested dict -> (dotted key, value) pairs: {'optim': {'lr': 1}} -> ('optim.lr', 1)."""
     for key, value in changes.items():
         if isinstance(value, dict):
             yield from _dotted(value, f"{prefix}{key}.")
@@ -326,17 +327,14 @@ PRESETS["1b_32k"] = dataclasses.replace(
 )
 
 
-def _flags(overrides: dict, prefix: str = "") -> list[str]:
+def _flags(overrides: dict) -> list[str]:
     """Nested dict -> ['--a.b=value', ...], so file overrides go through the same typed parser."""
     flags = []
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            flags += _flags(value, f"{prefix}{key}.")
-        elif isinstance(value, list):  # tuple fields: the flag, then its values (maybe none)
-            flags += [f"--{prefix}{key}", *map(str, value)]
+    for dotted, value in _dotted(overrides):
+        if isinstance(value, list):  # tuple fields: the flag, then its values (maybe none)
+            flags += [f"--{dotted}", *map(str, value)]
         else:
-            value = "None" if value is None else value
-            flags.append(f"--{prefix}{key}={value}")
+            flags.append(f"--{dotted}={'None' if value is None else value}")
     return flags
 
 
@@ -377,13 +375,10 @@ def replace_key(cfg: Config, dotted: str, value) -> Config:
     return dataclasses.replace(cfg, **{head: replace_key(getattr(cfg, head), rest, value)})
 
 
-def _check_keys(overrides: dict, name: str, prefix: str = "") -> None:
+def _check_keys(overrides: dict, name: str) -> None:
     known = _config_keys(Config)
-    for key, value in overrides.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in known):
-            _check_keys(value, name, dotted + ".")
-        elif dotted not in known:
+    for dotted, _ in _dotted(overrides):
+        if dotted not in known:
             hint = unknown_key_hint(dotted)
             raise ConfigError(f"Config file '{name}' has an unknown key '{dotted}'{hint}")
 

@@ -164,6 +164,12 @@ def named_leaves(tree) -> list[tuple[tuple[int, ...], jax.numpy.dtype, tuple[str
     return out
 
 
+def _dotted_path(path) -> str:
+    """'layers.wk' for a tree path (a Variable's own 'value' key left out)."""
+    keys = (str(getattr(k, "key", k)) for k in path)
+    return ".".join(k for k in keys if k != "value")
+
+
 def layout(tree) -> str:
     """A table of how each array of `tree` (sharded params or state) lies on its mesh: logical
     names, the mesh axes each dimension is split over, and the shape every device holds."""
@@ -172,10 +178,9 @@ def layout(tree) -> str:
         names = _names(x) if _is_var(x) else (None,) * x.ndim
         value = x.get_value() if _is_var(x) else x
         spec = tuple(value.sharding.spec) + (None,) * (value.ndim - len(value.sharding.spec))
-        name = ".".join(str(getattr(k, "key", k)) for k in path if getattr(k, "key", k) != "value")
         rows.append((
-            name, "x".join(map(str, value.shape)), ", ".join(n or "-" for n in names),
-            ", ".join("x".join(a) if isinstance(a, tuple) else a or "-" for a in spec),
+            _dotted_path(path), "x".join(map(str, value.shape)), ", ".join(n or "-" for n in names),
+            ", ".join("x".join(axes_of(a)) or "-" for a in spec),
             "x".join(map(str, value.sharding.shard_shape(value.shape))),
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -198,7 +203,7 @@ def divisibility_errors(tree, mesh, rules: Rules) -> list[ShardingError]:
             axes = axes_of(axes)
             ways = math.prod(mesh.shape[a] for a in axes)
             if size % ways:
-                where = ".".join(str(getattr(k, "key", k)) for k in path)
+                where = _dotted_path(path)
                 flags = mesh_flags(mesh, axes)
                 errors.append(ShardingError(
                     f"Parameter '{where}' dimension {dim} ('{name}', size {size}) is not "

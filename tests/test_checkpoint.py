@@ -1,5 +1,6 @@
 """Checkpoints through the command line, as a user meets them: kill -9 and resume, SIGTERM,
-another mesh, a corrupt newest checkpoint, NaN policies, fine-tuning from another run."""
+another mesh, a corrupt newest checkpoint, NaN policies, fine-tuning from another run; and
+through the library, restoring after the step has donated the state."""
 
 import json
 import shutil
@@ -9,9 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
-from conftest import ROOT, cli
+from conftest import ROOT, cli, tiny_config
+
+from engine.checkpoint import Checkpoints
+from engine.setup import setup
 
 RUN = ["--config", "tiny", "--steps=12", "--checkpoint.every=3", "--eval_every=0"]
 
@@ -175,12 +180,6 @@ def test_init_from_another_run_or_its_params_export(tmp_path, uninterrupted):
 def test_restore_after_donating_steps_trains_on_bitwise(tmp_path, compress):
     """Checkpoints kept by a loop that has since donated its state (as the step does) restore
     a state that trains on, exactly as the uninterrupted state does; both compress settings."""
-    import jax
-    from conftest import tiny_config
-
-    from engine.checkpoint import Checkpoints
-    from engine.setup import setup
-
     cfg = tiny_config(tmp_path / "run", mesh={"fsdp": 8}).replace(checkpoint={"compress": compress})
     run = setup(cfg)
     ckpt = Checkpoints(run)
