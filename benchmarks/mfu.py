@@ -117,7 +117,7 @@ def throughput(cfg, steps: int, warmup: int, profile_dir: str | None = None) -> 
     print(f"device: {device} x{devices} | jax {jax.__version__} | mesh {describe_mesh(run.mesh)}")
     print(
         f"model: {cfg.model.num_params() / 1e6:,.1f}M params, {cfg.precision}, remat="
-        f"{cfg.model.remat}, attention={cfg.model.attention}, batch {cfg.batch_size}x"
+        f"{cfg.model.remat}, attention={run.plan.attention}, batch {cfg.batch_size}x"
         f"{cfg.data.seq_len} | compile {run.compile_s:.1f}s"
         + (f" | peak memory {memory:.1f} GB" if memory else "")
     )

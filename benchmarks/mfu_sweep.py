@@ -45,6 +45,7 @@ def variants(batch_size: int, attention: str) -> list[tuple[str, list[str], dict
         (f"{attention}, batch x2, loss chunks", [attn, double, chunks], {}),
         (f"{attention}, remat=full, batch x2", [attn, full, double], {}),
         (f"{attention}, cuBLAS for all gemms", [attn], CUBLAS),
+        ("xla attention", ["--model.attention=xla"], {}),  # what `auto` chose against
     ]
 
 

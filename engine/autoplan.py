@@ -53,6 +53,9 @@ def workload(cfg: Config, plan: Plan) -> Workload:
     remat policy saves per token and layer (autodiff's residuals, read from shapes only)."""
     family, arch = model_family(cfg), model_arch(cfg)
     policy = POLICIES[plan.precision]
+    # cuDNN's kernel traces only where it runs; the einsums' residuals (which keep the scores
+    # without remat) bound its memory from above.
+    plan = dataclasses.replace(plan, attention="xla")
     seq = cfg.data.seq_len if family.sequence_model else 1
 
     @functools.cache
@@ -212,7 +215,7 @@ def plan_search(
     """(plans that train and fit, fastest first; rejected ones, nearest to fitting first).
     `fixed` pins mesh axes by name and the PLAN_KEYS values; `platform` is what training's
     checks assume the devices are."""
-    base = Plan.from_config(cfg)
+    base = Plan.from_config(cfg).on(cfg, platform)
     work = workload(cfg, base)
     cache: dict = {}
     states: dict[int, object] = {}
@@ -297,7 +300,7 @@ def auto_plan(
     with the plan's keys filled in, the plan and its estimate."""
     devices = list(jax.devices() if devices is None else devices)
     target = local_target(devices)
-    base = Plan.from_config(cfg)
+    base = Plan.from_config(cfg).on(cfg, devices[0].platform)
     fixed: dict[str, object] = {}
     for axis, size in base.mesh.items():
         if f"mesh.{axis}" in fixed_keys:

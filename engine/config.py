@@ -40,9 +40,10 @@ class ModelConfig(LlamaConfig):
     remat: str = "none"
     """Activations recomputed in the backward pass: none, full, dots (keep matmul outputs),
     dots_no_batch (keep only weight-like matmul outputs), save:NAME,... (keep these)."""
-    attention: str = "xla"
-    """Attention kernel (models.layers.ATTENTION): xla (einsums) or cudnn
-    (jax.nn.dot_product_attention's fused kernel; GPU, bf16/fp16 only)."""
+    attention: str = "auto"
+    """Attention kernel (models.layers.ATTENTION): xla (einsums), cudnn
+    (jax.nn.dot_product_attention's fused kernel; GPU, bf16/fp16 only) or auto (cudnn where it
+    runs, else xla: engine.plan.Plan.on)."""
     context_strategy: str = "all_gather"
     """How attention crosses a sequence split over --mesh.context (sharding.context):
     all_gather (gather keys and values; cheap with grouped-query attention) or ring (keys and
@@ -565,10 +566,10 @@ def config_errors(cfg: Config) -> list[ConfigError]:
         remat_policy(cfg.model.remat)
     except ValueError as e:
         errors.append(ConfigError(str(e)))
-    if cfg.model.attention not in ATTENTION:
+    if cfg.model.attention not in (*ATTENTION, "auto"):
         errors.append(ConfigError(
-            f"--model.attention={cfg.model.attention} is not an attention kernel; use one of "
-            f"{', '.join(ATTENTION)}."
+            f"--model.attention={cfg.model.attention} is not an attention kernel; use auto or "
+            f"one of {', '.join(ATTENTION)}."
         ))  # fmt: skip
     if cfg.model.context_strategy not in CONTEXT_STRATEGIES:
         errors.append(ConfigError(

@@ -128,7 +128,8 @@ def _confirm(cfg, top, target) -> list[dict]:
                  f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}"}]  # fmt: skip
     out = []
     for rank, (plan, est) in enumerate(top, 1):
-        run = compile_abstract(apply_plan(cfg, plan), plan, cpus[:devices])
+        on_cpus = dataclasses.replace(plan, attention="xla")  # cuDNN compiles only on a GPU
+        run = compile_abstract(apply_plan(cfg, on_cpus), on_cpus, cpus[:devices])
         xla = memory(run).total_gb
         # XLA's CPU plan keeps part of the 16-bit activations in fp32: compare like with like.
         as_cpu = dataclasses.replace(target, device=dataclasses.replace(

@@ -146,8 +146,8 @@ def setup(
     abstract (shapes and shardings from the config alone) and `run.task` is None, enough to
     compile and read `memory_analysis()` for models that would not fit here.
     """
-    plan = plan or Plan.from_config(cfg)
     devices = list(jax.devices() if devices is None else devices)
+    plan = (plan or Plan.from_config(cfg)).on(cfg, devices[0].platform)
     key = StepCache.key(cfg, plan, devices) if cache is not None else ""
     compiled = cache.get(key) if cache is not None else None
     reused = compiled is not None

@@ -32,7 +32,7 @@ from engine.checkpoint import Checkpoints, restore_params
 from engine.config import Config, TrainingHalted
 from engine.data import prefetch
 from engine.distributed import is_primary
-from engine.family import flops_per_token
+from engine.family import flops_per_token, model_family
 from engine.metrics import (
     MetricsWriter,
     format_bytes,
@@ -331,10 +331,11 @@ def _banner(run: Run) -> str:
     planned = planned_memory_gb(run.train_step)
     plan = f" | step needs {format_bytes(planned * 1e9)}/device" if planned is not None else ""
     compiled = "steps reused" if run.reused else f"compiled in {run.compile_s:.1f}s"
+    attention = f"attention {run.plan.attention} | " if model_family(cfg).sequence_model else ""
     return (
         f"shardtrain: {cfg.task} | {params / 1e6:.2f}M params | mesh {describe_mesh(run.mesh)}"
         f"{processes} | {_pipeline_summary(run.plan, stages_of(run.mesh))}{run.plan.precision} | "
-        f"{compiled}{plan}"
+        f"{attention}{compiled}{plan}"
     )
 
 

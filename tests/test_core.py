@@ -171,6 +171,30 @@ def test_violations_lists_every_fault_at_once(tiny):
         setup(cfg, plan=plan)
 
 
+def test_auto_attention_takes_cudnn_only_where_it_runs(tiny):
+    """--model.attention=auto (the default): cuDNN's kernel on GPUs in 16-bit with a head dim it
+    takes and no ring attention; the einsums everywhere else; an explicit kernel stays."""
+    bf16 = tiny(precision="bf16", model=dataclasses.replace(tiny().model, head_dim=64))
+
+    def chosen(cfg, platform, **changes):
+        return Plan.from_config(cfg, **changes).on(cfg, platform).attention
+
+    assert Plan.from_config(bf16).attention == "auto"
+    assert chosen(bf16, "gpu") == "cudnn"
+    assert [chosen(bf16, "cpu"), chosen(bf16, "tpu"), chosen(bf16, None)] == ["xla"] * 3
+    assert chosen(bf16, "gpu", precision="fp32") == "xla"
+    assert chosen(bf16, "gpu", context_strategy="ring") == "xla"
+    odd = bf16.replace(model={"head_dim": 12})
+    assert chosen(odd, "gpu") == "xla"
+    assert chosen(bf16, "gpu", attention="xla") == "xla"
+    # violations() judges the concrete kernel: auto in fp32 on a GPU is no error, cudnn is.
+    assert violations(bf16, Plan.from_config(bf16, precision="fp32"), 8, "gpu") == []
+    (error,) = violations(
+        bf16, Plan.from_config(bf16, precision="fp32", attention="cudnn"), 8, "gpu"
+    )
+    assert "takes 16-bit inputs" in str(error)
+
+
 def test_init_from_hf_keeps_every_plan_key(tiny, tmp_path):
     from engine import hf
     from engine.config import ModelConfig
