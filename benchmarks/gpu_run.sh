@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The owed GPU measurements as one device call that fits a 10-minute command limit: each step has
+# its own time limit, so one that hangs or runs out of memory costs only its share, and every
+# step's output lands in $OUT/gpu_run.log as it runs. Run benchmarks/gpu_wheels.sh here first,
+# then, through the device tool with carry [".whl"]:
+#   bash benchmarks/gpu_run.sh
+# PART=2 runs the second half (each part about 9 minutes on an H100). A CPU rehearsal at toy
+# sizes: SMOKE=1 [PART=2] bash benchmarks/gpu_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_run}
+mkdir -p "$OUT"
+if [[ ${SMOKE:-0} != 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
+PY=${PY:-python3}
+
+if [[ ${SMOKE:-0} == 1 ]]; then  # the same steps at toy sizes, on CPU
+  big=default; mid=tiny; attn=xla; steps=3; extra=(--data.seq_len 64 --batch_size 8)
+else
+  big=1b; mid=small; attn=cudnn; steps=10; extra=()
+fi
+
+step() {  # step SECONDS NAME COMMAND...: run with a limit, log it, go on whatever happens
+  local limit=$1 name=$2
+  shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout --kill-after=5 "$limit" "$@"
+  echo "=== $name: rc $? after $((SECONDS - start))s"
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  $PY -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, \
+'flax', flax.__version__, 'orbax', o.__version__, jax.devices())"
+  $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 || true
+  if [[ ${PART:-1} == 1 ]]; then
+    # 5. Against transformers + PyTorch on the same card: a process per variant, 2 cycles.
+    step 330 vs_pytorch $PY benchmarks/vs_pytorch.py --config $mid --precision bf16 --rounds 3 \
+      "${extra[@]}"
+    step 200 vs_pytorch_1b $PY benchmarks/vs_pytorch.py --config $big --rounds 3 --cycles 1 \
+      --no_compile "${extra[@]}"
+  else
+    # 2. Where the 1B step's time goes, and checkpoint writes from a GPU host.
+    step 120 profile $PY benchmarks/mfu.py --config $big --mesh.data=1 --steps $steps \
+      --profile /tmp/profile "${extra[@]}"
+    # (its default 3 GB state: `1b`'s 20 GB, saved twice a round beside a raw copy, would
+    # fill the machine's 64 GB disk)
+    step 200 checkpoint_io $PY benchmarks/checkpoint_io.py --rounds 2 "${extra[@]}"
+    # 1. The sweep's last variants: full remat at double batch, cuBLAS only, XLA attention.
+    step 200 mfu_sweep $PY benchmarks/mfu_sweep.py --config $big --mesh.data=1 --only 5,6,7 \
+      --steps $steps --variant_timeout 60 --attention $attn --out "$OUT" "${extra[@]}"
+  fi
+} 2>&1 | tee "$OUT/gpu_run${PART:-1}.log"
