@@ -62,6 +62,24 @@ def _abstract(tree, shardings):
     )
 
 
+def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
+    """orbax's standard type handlers, with arrays written replica-parallel only when several
+    processes share the writing. In one process it buys nothing (one host writes every slice)
+    and costs a compiled slice per replica and shape: on 8 CPU devices the first save of `tiny`
+    blocked the loop 3.05 s (72 compiles), later ones 0.12-0.18 s; without it 0.04 and 0.015 s."""
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry(
+        *((ty, th.get_type_handler(ty)) for ty in th.supported_types())
+    )
+    default = th.get_type_handler(jax.Array)
+    arrays = th.ArrayHandler(
+        use_replica_parallel=jax.process_count() > 1,
+        array_metadata_store=getattr(default, "_array_metadata_store", None),  # as the default
+    )
+    registry.add(jax.Array, arrays, override=True, ignore_warnings=True)
+    return registry
+
+
 def _train_item(state: TrainState) -> dict:
     item = {"step": state.step, "opt_state": state.opt_state}
     if state.loss_scale is not None:
@@ -118,9 +136,11 @@ class Checkpoints:
         )
         # PyTree handlers, because only they let zstd be switched off (--checkpoint.compress);
         # the files are the same format StandardCheckpointer reads (load_model, export).
+        types = _type_handlers()
+        pytree = {"use_compression": cfg.compress, "type_handler_registry": types}
         handlers = {
-            "params": ocp.PyTreeCheckpointHandler(use_compression=cfg.compress),
-            "train": ocp.PyTreeCheckpointHandler(use_compression=cfg.compress),
+            "params": ocp.PyTreeCheckpointHandler(**pytree),
+            "train": ocp.PyTreeCheckpointHandler(**pytree),
             "meta": ocp.JsonCheckpointHandler(),
         }
         with _orbax_turn():

@@ -179,8 +179,11 @@ def test_init_from_another_run_or_its_params_export(tmp_path, uninterrupted):
 @pytest.mark.parametrize("compress", [True, False], ids=["zstd", "uncompressed"])
 def test_restore_after_donating_steps_trains_on_bitwise(tmp_path, compress):
     """Checkpoints kept by a loop that has since donated its state (as the step does) restore
-    a state that trains on, exactly as the uninterrupted state does; both compress settings."""
-    cfg = tiny_config(tmp_path / "run", mesh={"fsdp": 8}).replace(checkpoint={"compress": compress})
+    a state that trains on, exactly as the uninterrupted state does; both compress settings.
+    The save compiles nothing: in one process orbax's replica-parallel writes compiled a slice
+    per replica and shape, which blocked the loop's first save for seconds."""
+    mesh = {"data": 2, "fsdp": 4}  # each shard on two devices: replicas to write once
+    cfg = tiny_config(tmp_path / "run", mesh=mesh).replace(checkpoint={"compress": compress})
     run = setup(cfg)
     ckpt = Checkpoints(run)
 
@@ -188,8 +191,18 @@ def test_restore_after_donating_steps_trains_on_bitwise(tmp_path, compress):
         return run.train_step(state, run.put_batch(run.task.train_batch(i)))
 
     state, _ = step(run.state, 0)  # donates the initial state, hyperparams included
-    ckpt.save(1, state)
-    ckpt.wait()
+    compiles = []
+
+    def count(event, seconds, **kwargs):
+        compiles.extend([event] if event.endswith("backend_compile_duration") else [])
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        ckpt.save(1, state)
+        ckpt.wait()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiles == []
     restored = ckpt.restore_latest()
     want, _ = step(state, 1)
     got, _ = step(restored.state, 1)
