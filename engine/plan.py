@@ -74,9 +74,10 @@ class Plan:
 
     def on(self, cfg: Config, platform: str | None) -> Plan:
         """This plan with `--model.attention=auto` made concrete for `platform`'s devices:
-        cuDNN's fused kernel where it runs (NVIDIA GPUs, 16-bit compute, head dims that are a
-        multiple of 8 up to 128, no ring attention), the einsums everywhere else. On one H100
-        the `1b` preset trains at 3x the speed with cuDNN (benchmarks/RESULTS.md, 2026-11-26)."""
+        cuDNN's fused kernel where it runs and has run here (NVIDIA GPUs, 16-bit compute, head
+        dims a multiple of 8 up to 128, causal masking alone: no sequence split over devices,
+        no document mask), the einsums everywhere else. On one H100 the `1b` preset trains at
+        2.9x the speed with cuDNN (benchmarks/RESULTS.md, 2026-11-26)."""
         if self.attention != "auto":
             return self
         head_dim = getattr(model_arch(cfg), "head_dim", 0)
@@ -85,7 +86,8 @@ class Plan:
             and POLICIES[self.precision].compute_dtype != jnp.float32
             and head_dim % 8 == 0
             and 0 < head_dim <= 128
-            and self.context_strategy != "ring"
+            and self.mesh.get("context", 1) == 1
+            and not cfg.data.document_mask
         )
         return dataclasses.replace(self, attention="cudnn" if cudnn else "xla")
 

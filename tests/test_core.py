@@ -173,7 +173,7 @@ def test_violations_lists_every_fault_at_once(tiny):
 
 def test_auto_attention_takes_cudnn_only_where_it_runs(tiny):
     """--model.attention=auto (the default): cuDNN's kernel on GPUs in 16-bit with a head dim it
-    takes and no ring attention; the einsums everywhere else; an explicit kernel stays."""
+    takes and plain causal masking; the einsums everywhere else; an explicit kernel stays."""
     bf16 = tiny(precision="bf16", model=dataclasses.replace(tiny().model, head_dim=64))
 
     def chosen(cfg, platform, **changes):
@@ -183,7 +183,8 @@ def test_auto_attention_takes_cudnn_only_where_it_runs(tiny):
     assert chosen(bf16, "gpu") == "cudnn"
     assert [chosen(bf16, "cpu"), chosen(bf16, "tpu"), chosen(bf16, None)] == ["xla"] * 3
     assert chosen(bf16, "gpu", precision="fp32") == "xla"
-    assert chosen(bf16, "gpu", context_strategy="ring") == "xla"
+    assert chosen(bf16, "gpu", mesh={"context": 2}) == "xla"
+    assert chosen(bf16.replace(data={"document_mask": True}), "gpu") == "xla"
     odd = bf16.replace(model={"head_dim": 12})
     assert chosen(odd, "gpu") == "xla"
     assert chosen(bf16, "gpu", attention="xla") == "xla"
