@@ -42,9 +42,9 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log it, go on whatev
 transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 || true
   if [[ ${PART:-1} == 1 ]]; then
     # 5. Against transformers + PyTorch on the same card: a process per variant, 2 cycles.
-    step 330 vs_pytorch $PY benchmarks/vs_pytorch.py --config $mid --precision bf16 --rounds 3 \
+    step 360 vs_pytorch $PY benchmarks/vs_pytorch.py --config $mid --precision bf16 --rounds 3 \
       "${extra[@]}"
-    step 200 vs_pytorch_1b $PY benchmarks/vs_pytorch.py --config $big --rounds 3 --cycles 1 \
+    step 190 vs_pytorch_1b $PY benchmarks/vs_pytorch.py --config $big --rounds 3 --cycles 1 \
       --no_compile "${extra[@]}"
   else
     # 2. Where the 1B step's time goes, and checkpoint writes from a GPU host.
