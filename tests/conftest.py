@@ -6,15 +6,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the suite's processes and its CLI runs: tests compile
-# the same small programs again and again, and a hit returns the same executable (results
-# unchanged; on a cold cache test_core + test_moe ran in 273 s instead of 327 s).
-CLI_COMPILATION_CACHE = os.path.join(
-    tempfile.gettempdir(), f"shardtrain-cli-jax-cache-{os.getuid()}"
-)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CLI_COMPILATION_CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import dataclasses  # noqa: E402
 import subprocess  # noqa: E402
@@ -45,12 +36,20 @@ def tiny(tmp_path):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+CLI_COMPILATION_CACHE = os.path.join(
+    tempfile.gettempdir(), f"shardtrain-cli-jax-cache-{os.getuid()}"
+)
 
 
 def cli_env(devices: int = 8) -> dict[str, str]:
-    """The environment of a CLI subprocess: `devices` virtual CPU devices, and the suite's
-    persistent compilation cache (in os.environ, above: a CLI run's start-up halves)."""
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    """The environment of a CLI subprocess: `devices` virtual CPU devices, and one persistent
+    compilation cache for all of them, since CLI runs compile the same small programs again and
+    again (a hit returns the same executable: results unchanged, start-up halved)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", CLI_COMPILATION_CACHE)
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    return env
 
 
 def cli(*args, devices=8, background=False, module="engine.train"):
