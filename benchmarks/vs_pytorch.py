@@ -132,6 +132,7 @@ def first_losses(
 
 
 VARIANTS = ("shardtrain", "torch eager", "torch.compile")
+RATES = "rates: "  # how a variant's own process reports its tokens/s
 
 
 def make_variant(name: str, run: Run, batches: list, device: str):
@@ -162,7 +163,10 @@ def make_variant(name: str, run: Run, batches: list, device: str):
 
 def timed(names, cfg: Config, args, device: str) -> dict[str, list[float]]:
     """Tokens/s of each variant in `names`, built in this process, over alternating rounds."""
-    run = setup(cfg, jax.devices()[:1])
+    devices = jax.devices()[:1]
+    if "shardtrain" not in names:  # only the initial weights are needed: keep them off the GPU
+        cfg, devices = cfg.replace(model={"attention": "xla"}), jax.devices("cpu")[:1]
+    run = setup(cfg, devices)
     batches = [run.task.train_batch(i) for i in range(args.steps_per_round)]
     variants = {name: make_variant(name, run, batches, device) for name in names}
     tokens = cfg.batch_size * cfg.data.seq_len
@@ -199,9 +203,6 @@ def isolated(names, args, argv: list[str]) -> dict[str, list[float]]:
             rounds = ", ".join(f"{x:,.0f}" for x in found[0])
             print(f"cycle {cycle + 1}, {name} (own process): {rounds} tokens/s")
     return rates
-
-
-RATES = "rates: "
 
 
 def equivalent(cfg: Config, device: str) -> bool:
