@@ -29,15 +29,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Gloo reports every pairwise connection at start-up: noise, N^2 lines of it, which can reach
-# the pipe in fragments (jax 0.11). A line that is (a piece of) this message is dropped.
+# Gloo reports every pairwise connection at start-up: noise, N^2 lines of it, printed by
+# several threads at once, so they can reach the pipe in fragments run together (seen: "[Gloo]
+# Rank 3 is ... ranks is : [Gloo] Rank 2 is connected to 77"). A line made only of pieces of
+# this message is dropped.
 GLOO = "[Gloo] Rank # is connected to # peer ranks. Expected number of connected peer ranks is : #"
+MARK = "[Gloo]"
 DIGITS = re.compile(r"\d+")
 
 
 def _is_noise(line: str) -> bool:
     text = DIGITS.sub("#", line.strip())
-    return bool(text) and (text in GLOO or GLOO in text)
+    if not text:
+        return False
+    first, *rest = text.split(MARK)  # `first`: the tail of a message begun on another line
+    return first.strip() in GLOO and all(MARK + piece.rstrip() in GLOO for piece in rest)
 
 
 def _relay(stream, out, rank: int, processes: int) -> None:
