@@ -30,20 +30,16 @@ def free_port() -> int:
 
 
 # Gloo reports every pairwise connection at start-up: noise, N^2 lines of it, printed by
-# several threads at once, so they can reach the pipe in fragments run together (seen: "[Gloo]
-# Rank 3 is ... ranks is : [Gloo] Rank 2 is connected to 77"). A line made only of pieces of
-# this message is dropped.
-GLOO = "[Gloo] Rank # is connected to # peer ranks. Expected number of connected peer ranks is : #"
-MARK = "[Gloo]"
-DIGITS = re.compile(r"\d+")
+# several threads at once, so they reach the pipe cut and run together at any character (seen:
+# "[Gloo] Rank 0[Gloo] Rank  is connected to 3 peer ranks. Expected ... is : 3"). Dropped: a
+# line that is a piece of the message, or that holds one with its "is connected to".
+GLOO = "[Gloo]Rankisconnectedtopeerranks.Expectednumberofconnectedpeerranksis:"
+NOT_TEXT = re.compile(r"[\d\s]+")  # digits and spaces: where the fragments cut
 
 
 def _is_noise(line: str) -> bool:
-    text = DIGITS.sub("#", line.strip())
-    if not text:
-        return False
-    first, *rest = text.split(MARK)  # `first`: the tail of a message begun on another line
-    return first.strip() in GLOO and all(MARK + piece.rstrip() in GLOO for piece in rest)
+    text = NOT_TEXT.sub("", line)  # a stray digit leaves "", which GLOO holds
+    return bool(line.strip()) and (text in GLOO or ("[Gloo]" in text and "isconnectedto" in text))
 
 
 def _relay(stream, out, rank: int, processes: int) -> None:
@@ -57,13 +53,19 @@ def _relay(stream, out, rank: int, processes: int) -> None:
         out.flush()
 
 
+def _with_device_count(flags: str, devices: int) -> str:
+    """The user's XLA flags, with this many virtual CPU devices in place of any count given."""
+    kept = [f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def launch(processes: int, train_args: list[str], devices_per_process: int, grace_s: float) -> int:
     address = f"localhost:{free_port()}"
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",  # whole lines, so the relay never splits one
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+        XLA_FLAGS=_with_device_count(os.environ.get("XLA_FLAGS", ""), devices_per_process),
     )
     procs = [
         subprocess.Popen(
