@@ -1,9 +1,15 @@
 import os
 import tempfile
 
+# The suite compiles a few hundred small programs and runs each for a handful of steps, so
+# it spends most of its time in XLA:CPU's LLVM backend: level 1 compiles 20-35 % faster than
+# the default (measured on `tiny`) and gave bit-identical losses. Tests only; never set by the
+# engine.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
+
 # Eight virtual CPU devices, before JAX is first imported: every mesh up to 8 runs on a laptop.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS, "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -45,7 +51,8 @@ def cli_env(devices: int = 8) -> dict[str, str]:
     """The environment of a CLI subprocess: `devices` virtual CPU devices, and one persistent
     compilation cache for all of them, since CLI runs compile the same small programs again and
     again (a hit returns the same executable: results unchanged, start-up halved)."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    flags = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", CLI_COMPILATION_CACHE)
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
