@@ -140,7 +140,11 @@ def test_a_layers_aux_metric_reaches_metrics_jsonl(tiny, tmp_path, mesh, optim, 
         records = train(cfg)
         one = dataclasses.replace(cfg, run_dir=str(tmp_path / "one"), mesh=MeshConfig(data=1))
         one_device = train(one, jax.devices()[:1])
-        plain = train(dataclasses.replace(cfg, run_dir=str(tmp_path / "plain"), model=tiny().model))
+        if not pipeline:  # the metrics leave the loss alone (once: a third compile per mesh)
+            plain_cfg = dataclasses.replace(
+                cfg, run_dir=str(tmp_path / "plain"), model=tiny().model
+            )
+            plain = train(plain_cfg)
     finally:
         del FEED_FORWARD["probe"]
     lines = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
@@ -152,8 +156,9 @@ def test_a_layers_aux_metric_reaches_metrics_jsonl(tiny, tmp_path, mesh, optim, 
         [r["probe_rms"] for r in records], [r["probe_rms"] for r in one_device], rtol=1e-5
     )
     assert lines[-1]["eval_probe_rms"] == pytest.approx(one_device[-1]["eval_probe_rms"], rel=1e-5)
-    assert "probe_rms" not in json.dumps(plain)
-    np.testing.assert_allclose(losses(records), losses(plain), rtol=1e-6)
+    if not pipeline:
+        assert "probe_rms" not in json.dumps(plain)
+        np.testing.assert_allclose(losses(records), losses(plain), rtol=1e-6)
 
 
 def test_violations_lists_every_fault_at_once(tiny):
