@@ -18,6 +18,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from engine.config import PRESETS, Config  # noqa: E402
@@ -45,6 +46,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI_COMPILATION_CACHE = os.path.join(
     tempfile.gettempdir(), f"shardtrain-cli-jax-cache-{os.getuid()}"
 )
+
+
+# One persistent compilation cache for the whole suite, in-process and CLI runs alike: many
+# tests compile the same reference run (one device, `tiny`) again. In-process, only programs
+# that took a second or more to compile are written (the default threshold): thousands of
+# small eager-op programs on disk cost more than they save. A hit returns the same executable.
+jax.config.update("jax_compilation_cache_dir", CLI_COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def cli_env(devices: int = 8) -> dict[str, str]:
