@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 import typing
 from pathlib import Path
@@ -195,7 +196,8 @@ class Config:
     """Peak FLOP/s per device for MFU; None = the device's datasheet bf16 peak (null on CPU)."""
     compile_cache: str = "~/.cache/shardtrain/xla"
     """Command line only: JAX's persistent compilation cache, so a restart or resume of the same
-    program loads it instead of compiling again; empty = off."""
+    program loads it instead of compiling again; empty = off. Left at its default, JAX's own
+    JAX_COMPILATION_CACHE_DIR takes its place when set."""
     nan_policy: Literal["halt", "skip"] = "halt"
     """A step with a non-finite loss or gradient: halt (stop, exit 3, keep the last good
     checkpoint) or skip (drop its update, count it; halt after nan_skip_limit in a row)."""
@@ -208,6 +210,13 @@ class Config:
     """Start from a Hugging Face Llama-family directory's weights; its config.json sets the
     architecture (every execution-plan key, e.g. --model.remat, still applies)."""
     debug: DebugConfig = DebugConfig()
+
+    def compile_cache_dir(self) -> str | None:
+        """Where the command line keeps compiled programs (--compile_cache); None = nowhere."""
+        given = self.compile_cache
+        if given == Config.compile_cache and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+            return os.environ["JAX_COMPILATION_CACHE_DIR"]
+        return os.path.expanduser(given) if given else None
 
     def replace(self, **changes) -> Config:
         """A copy with these keys changed, as the command line would change them; a section

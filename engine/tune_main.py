@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -77,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                               "--space 'optim.lr=log:1e-4:3e-2'.")  # fmt: skip
         import jax  # after parsing: --help should not wait for JAX
 
-        if cfg.compile_cache:  # other processes and later reruns load the compiled steps
-            jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache))
+        if cfg.compile_cache_dir():  # other processes and later reruns load the compiled steps
+            jax.config.update("jax_compilation_cache_dir", cfg.compile_cache_dir())
         import optuna
 
         from engine.tune import tune

@@ -197,3 +197,14 @@ def test_launch_keeps_the_users_xla_flags_and_sets_only_the_device_count():
         "--xla_dump_to=/tmp/x", "--xla_force_host_platform_device_count=4"
     ]  # fmt: skip
     assert _with_device_count("", 2) == "--xla_force_host_platform_device_count=2"
+
+
+def test_the_compile_cache_defaults_to_jaxs_own_variable_when_set(monkeypatch):
+    from engine.config import Config
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert Config().compile_cache_dir() == os.path.expanduser("~/.cache/shardtrain/xla")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/jax-cache")
+    assert Config().compile_cache_dir() == "/tmp/jax-cache"
+    assert Config(compile_cache="/tmp/mine").compile_cache_dir() == "/tmp/mine"  # given wins
+    assert Config(compile_cache="").compile_cache_dir() is None
