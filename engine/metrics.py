@@ -67,7 +67,7 @@ def _jsonable(value):
 
 def _summary_writer():
     """tensorboardX's SummaryWriter, imported without PyTorch. tensorboardX imports torch when it
-    is installed, only to accept its tensors (we log floats): 1.6 s of every run's start-up."""
+    is installed, only to accept its tensors (we log floats): about 2 s of every run's start-up."""
     if "torch" in sys.modules or "tensorboardX" in sys.modules:
         from tensorboardX import SummaryWriter
     else:
