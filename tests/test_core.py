@@ -4,6 +4,7 @@ values, every fault of a plan at once, and bits per byte for any tokenizer."""
 import dataclasses
 import json
 import math
+import platform
 import re
 
 import jax
@@ -16,7 +17,7 @@ from conftest import cli
 from engine.config import CheckpointConfig, ConfigError, DataConfig
 from engine.optim import OptimConfig
 from engine.plan import Plan, violations
-from engine.setup import setup
+from engine.setup import keep_host_memory, setup
 from engine.trainer import Callback, Trainer, evaluate, train
 from models.layers import FEED_FORWARD, SwiGLU
 from sharding import AXES, MeshAxis, MeshConfig, default_rules
@@ -388,3 +389,12 @@ def test_the_runtime_schedule_is_optaxs_bit_for_bit(optim, steps):
     steps_ = jnp.arange(steps + 1, dtype=jnp.int32)
     got = jax.jit(jax.vmap(lambda s: learning_rate(h, s)))(steps_)
     np.testing.assert_array_equal(got, jax.jit(jax.vmap(schedule))(steps_))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+def test_a_cpu_run_keeps_large_host_blocks_in_the_heap(tiny):
+    """setup() on a CPU asks glibc once for no per-block mmap and no trimming (engine.setup:
+    XLA:CPU's per-step temporaries otherwise cost 8-15 % of a `default` step)."""
+    keep_host_memory.cache_clear()
+    setup(tiny(), init=False)
+    assert keep_host_memory.cache_info().currsize == 1 and keep_host_memory() is True
