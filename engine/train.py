@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.trainer import train
 
         initialize(cfg.distributed)  # before anything touches a device
-        if cfg.compile_cache_dir():
+        if cache := cfg.compile_cache_dir():
             import jax
 
-            jax.config.update("jax_compilation_cache_dir", cfg.compile_cache_dir())
+            jax.config.update("jax_compilation_cache_dir", cache)
         if cfg.mesh.auto:
             from engine.autoplan import auto_plan, describe_choice
 

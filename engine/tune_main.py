@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                               "--space 'optim.lr=log:1e-4:3e-2'.")  # fmt: skip
         import jax  # after parsing: --help should not wait for JAX
 
-        if cfg.compile_cache_dir():  # other processes and later reruns load the compiled steps
-            jax.config.update("jax_compilation_cache_dir", cfg.compile_cache_dir())
+        if cache := cfg.compile_cache_dir():  # other processes and reruns load the compiled steps
+            jax.config.update("jax_compilation_cache_dir", cache)
         import optuna
 
         from engine.tune import tune

@@ -12,13 +12,20 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS, "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole suite, in-process and CLI runs alike (the
+# command line's default --compile_cache yields to this variable): many tests compile the same
+# reference run again. In-process JAX writes only programs that took a second or more to
+# compile (its default): thousands of small eager-op programs on disk cost more than they save.
+CLI_COMPILATION_CACHE = os.path.join(
+    tempfile.gettempdir(), f"shardtrain-cli-jax-cache-{os.getuid()}"
+)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CLI_COMPILATION_CACHE)
 
 import dataclasses  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from engine.config import PRESETS, Config  # noqa: E402
@@ -43,17 +50,6 @@ def tiny(tmp_path):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI_COMPILATION_CACHE = os.path.join(
-    tempfile.gettempdir(), f"shardtrain-cli-jax-cache-{os.getuid()}"
-)
-
-
-# One persistent compilation cache for the whole suite, in-process and CLI runs alike: many
-# tests compile the same reference run (one device, `tiny`) again. In-process, only programs
-# that took a second or more to compile are written (the default threshold): thousands of
-# small eager-op programs on disk cost more than they save. A hit returns the same executable.
-jax.config.update("jax_compilation_cache_dir", CLI_COMPILATION_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def cli_env(devices: int = 8) -> dict[str, str]:
@@ -62,7 +58,6 @@ def cli_env(devices: int = 8) -> dict[str, str]:
     again (a hit returns the same executable: results unchanged, start-up halved)."""
     flags = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
     env = dict(os.environ, XLA_FLAGS=flags)
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", CLI_COMPILATION_CACHE)
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     return env
@@ -72,8 +67,6 @@ def cli(*args, devices=8, background=False, module="engine.train"):
     """`python -m MODULE ARGS` as a user runs it, with `devices` virtual CPU devices: the
     finished process, or with `background` the running one."""
     env = cli_env(devices)
-    if module == "engine.train" and not any(a.startswith("--compile_cache") for a in args):
-        args = (*args, f"--compile_cache={CLI_COMPILATION_CACHE}")  # not the user's home cache
     command = [sys.executable, "-m", module, *args]
     if background:
         pipe = subprocess.PIPE

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import optuna
 import pytest
-from conftest import CLI_COMPILATION_CACHE, cli
+from conftest import cli
 
 from engine.callbacks import Callback, EarlyStopConfig
 from engine.checkpoint import restore_params
@@ -182,8 +182,7 @@ def test_two_processes_share_one_study(tmp_path):
 )  # fmt: skip
 def test_bad_tuning_input_gets_one_sentence_and_writes_no_study(tmp_path, capsys, flags, sentence):
     study_dir = tmp_path / "study"
-    cache = f"--compile_cache={CLI_COMPILATION_CACHE}"  # the suite's, not the user's
-    code = tune_main(["--config", "digits", f"--study_dir={study_dir}", cache, *flags])
+    code = tune_main(["--config", "digits", f"--study_dir={study_dir}", *flags])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and sentence in err
     assert len(err.strip().splitlines()) == 1
