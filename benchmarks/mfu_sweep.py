@@ -46,6 +46,8 @@ def variants(batch_size: int, attention: str) -> list[tuple[str, list[str], dict
         (f"{attention}, remat=full, batch x2", [attn, full, double], {}),
         (f"{attention}, cuBLAS for all gemms", [attn], CUBLAS),
         ("xla attention", ["--model.attention=xla"], {}),  # what `auto` chose against
+        # No layer loop: 1.2x on CPU (benchmarks/RESULTS.md); compiles each layer in place.
+        (f"{attention}, layers unrolled", [attn, "--model.scan_unroll=0"], {}),
     ]
 
 

@@ -30,7 +30,7 @@ def build_model(cfg: Config, rngs: nnx.Rngs, plan, stages: int = 1) -> nnx.Modul
     """The model, with its layers split into `stages` pipeline stages when there are several."""
     model = model_family(cfg).build(
         model_arch(cfg), rngs, remat=plan.remat, attention=plan.attention,
-        context=plan.context_strategy,
+        context=plan.context_strategy, scan_unroll=plan.scan_unroll,
     )  # fmt: skip
     if stages > 1:
         apply_pipeline(model, stages, plan.pipeline)

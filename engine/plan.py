@@ -1,10 +1,11 @@
 """The execution plan: everything about *how* a model runs, nothing about *what* it is.
 
 A `Plan` holds the mesh sizes and rule table, remat, gradient-accumulation and pipeline
-microbatches, the attention kernel, loss chunks and precision. `Plan.from_config` assembles one
-from the command-line keys (`--mesh.*`, `--rules`, `--model.remat`, ...); the planner produces
-them; `engine.trainer.setup` takes one. `violations` lists every reason a model + plan + device
-count cannot train, without compiling or opening data.
+microbatches, the attention kernel, loss chunks, layer unrolling and precision.
+`Plan.from_config` assembles one from the command-line keys (`--mesh.*`, `--rules`,
+`--model.remat`, ...); the planner produces them; `engine.trainer.setup` takes one.
+`violations` lists every reason a model + plan + device count cannot train, without compiling
+or opening data.
 
 `python -m engine.plan` runs the planner (engine.autoplan, engine.plan_main).
 """
@@ -52,6 +53,7 @@ class Plan:
     context_strategy: str = "all_gather"
     context_load_balance: bool = True
     loss_chunks: int = 1
+    scan_unroll: int = 1
     precision: str = "fp32"
     axes: tuple[MeshAxis, ...] = AXES
     """The mesh axes this plan may use: sharding.AXES, or more declared by the caller."""
@@ -68,6 +70,7 @@ class Plan:
             context_strategy=cfg.model.context_strategy,
             context_load_balance=cfg.model.context_load_balance,
             loss_chunks=cfg.model.loss_chunks,
+            scan_unroll=cfg.model.scan_unroll,
             precision=cfg.precision,
         )
         return dataclasses.replace(plan, **changes)
@@ -103,6 +106,7 @@ class Plan:
             f"--model.context_strategy={self.context_strategy}",
             f"--model.context_load_balance={self.context_load_balance}",
             f"--model.loss_chunks={self.loss_chunks}",
+            f"--model.scan_unroll={self.scan_unroll}",
             f"--precision={self.precision}",
         ]
         default = dict(RULE_PRESETS["default"])
@@ -159,6 +163,7 @@ def apply_plan(cfg: Config, plan: Plan) -> Config:
     model = dataclasses.replace(
         cfg.model, remat=plan.remat, attention=plan.attention, loss_chunks=plan.loss_chunks,
         context_strategy=plan.context_strategy, context_load_balance=plan.context_load_balance,
+        scan_unroll=plan.scan_unroll,
     )  # fmt: skip
     optim = dataclasses.replace(cfg.optim, microbatches=plan.microbatches)
     return dataclasses.replace(

@@ -297,10 +297,12 @@ def make_layers(cfg: LlamaConfig, rngs: nnx.Rngs, attention="xla", context="all_
 
 @dataclasses.dataclass(frozen=True)
 class ScanLayers:
-    """Run stacked layers in order with `lax.scan`: one compiled layer body for any depth.
-    Returns the output and each aux value averaged over the layers."""
+    """Run stacked layers in order with `lax.scan`: one compiled layer body for any depth,
+    or `unroll` layers per loop iteration (0: every layer, no loop). Returns the output and
+    each aux value averaged over the layers."""
 
     remat: str = "none"
+    unroll: int = 1
 
     def __call__(self, layers: nnx.Module, x, *args):
         graphdef, stacked = nnx.split(layers)
@@ -311,23 +313,25 @@ class ScanLayers:
         policy = remat_policy(self.remat)
         if policy is not None:
             layer = jax.checkpoint(layer, policy=policy)
-        x, aux = jax.lax.scan(layer, x, stacked)
+        # Unrolled, XLA fuses across layers and drops the loop's stacked residual buffers.
+        x, aux = jax.lax.scan(layer, x, stacked, unroll=self.unroll or True)
         return x, jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
 
 
 class Llama(nnx.Module):
-    """`remat`, `attention` (the kernel) and `context` (how attention crosses a split
-    sequence: sharding.context) are how it runs (the execution plan's), not what it is."""
+    """`remat`, `attention` (the kernel), `context` (how attention crosses a split sequence:
+    sharding.context) and `scan_unroll` (layers per loop iteration) are how it runs (the
+    execution plan's), not what it is."""
 
     def __init__(
         self, cfg: LlamaConfig, rngs: nnx.Rngs, *, remat: str = "none", attention: str = "xla",
-        context: str = "all_gather",
+        context: str = "all_gather", scan_unroll: int = 1,
     ):  # fmt: skip
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 0.02)
         self.layers = make_layers(cfg, rngs, attention, context)
         # How the stack runs; parallelism may swap it (sharding.pipeline), the layers stay.
-        self.layer_runner = ScanLayers(remat)
+        self.layer_runner = ScanLayers(remat, scan_unroll)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0.02)

@@ -24,8 +24,8 @@ class ModelFamily:
     config: type
     """The architecture config dataclass."""
     build: Callable[..., Any]
-    """(arch, rngs, *, remat, attention, context) -> nnx.Module; plan keys a family lacks are
-    ignored."""
+    """(arch, rngs, *, remat, attention, context, scan_unroll) -> nnx.Module; plan keys a
+    family lacks are ignored."""
     flops_per_token: Callable[[Any, int], float]
     """(arch, seq_len) -> training FLOPs per token (per example for classifiers)."""
     from_hf: Callable[[dict, str], Any] | None = None
@@ -37,10 +37,10 @@ class ModelFamily:
     sequence_model: bool = True
     """Has a stack of layers over a sequence (pipelines, generation, loss chunks)."""
     aux_weights: Callable[[Any], dict[str, float]] = lambda arch: {}
-    holds: Callable[[Any], bool] = lambda arch: True
-    """(arch) -> whether this family's Hugging Face layout holds `arch` exactly (export)."""
     """(arch) -> {aux name: weight}: the layers' aux values the train step adds to the loss
     (an MoE balance loss, say); every aux value is logged either way."""
+    holds: Callable[[Any], bool] = lambda arch: True
+    """(arch) -> whether this family's Hugging Face layout holds `arch` exactly (export)."""
 
     def arch(self, values: dict) -> Any:
         """The architecture config from a dict that may hold other keys too (a run's
@@ -75,8 +75,8 @@ def _llama_aux_weights(arch: LlamaConfig) -> dict[str, float]:
     )
 
 
-def _llama(arch: LlamaConfig, rngs, *, remat="none", attention="xla", context="all_gather"):
-    return Llama(arch, rngs, remat=remat, attention=attention, context=context)
+def _llama(arch: LlamaConfig, rngs, **plan) -> Llama:
+    return Llama(arch, rngs, **plan)
 
 
 def _classifier(arch: ClassifierConfig, rngs, **plan) -> MLPClassifier:

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from engine.config import PRESETS
 from engine.optim import OptimConfig
 from engine.sources import write_token_file
-from engine.trainer import train
+from engine.trainer import Trainer, train
 from sharding import MeshConfig
 
 STEPS = 5
@@ -51,6 +51,22 @@ def test_gradient_accumulation_equals_full_batch(tiny):
     np.testing.assert_allclose(
         losses(accumulated, "grad_norm"), losses(full, "grad_norm"), rtol=1e-4
     )
+
+
+def test_unrolled_layers_match_the_layer_loop(tmp_path):
+    """--model.scan_unroll changes the program, not the arithmetic: unrolled (fully, or two
+    of three layers per iteration, with remat) on a mesh, the losses are the loop's."""
+    base = tiny_config(tmp_path, mesh=dict(fsdp=4, tensor=2), steps=STEPS)
+    base = dataclasses.replace(base, model=dataclasses.replace(base.model, n_layers=3))
+    runs = {}
+    for unroll, remat in [(1, "none"), (0, "none"), (2, "full")]:
+        trainer = Trainer(base.replace(model={"scan_unroll": unroll, "remat": remat}))
+        runs[unroll] = losses(trainer.fit()), trainer.run.train_step.as_text()
+    (loop, loop_hlo), unrolled_hlo = runs[1], runs[0][1]
+    assert loop[-1] < loop[0] - 0.1
+    assert " while(" in loop_hlo and " while(" not in unrolled_hlo
+    for got, _ in runs.values():
+        np.testing.assert_allclose(got, loop, rtol=1e-5)
 
 
 def test_gradient_accumulation_for_the_classifier(tmp_path):

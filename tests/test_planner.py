@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import cli, tiny_config
 
-from engine.autoplan import auto_plan, no_plan_error, plan_search, target_for, workload
+from engine.autoplan import auto_plan, no_plan_error, plan_search, target_for, to_plan, workload
 from engine.config import PRESETS, ConfigError, explicit_keys, parse_args
 from engine.estimate import compile_abstract, memory
 from engine.plan import Plan, apply_plan, violations
@@ -57,24 +57,33 @@ def test_first_choice_trains_on_8_cpu_devices(tmp_path, tiny_plans):
 
 
 @pytest.mark.parametrize(
-    "preset, mesh, remat, precision",
+    "preset, mesh, remat, precision, unroll",
     [
-        ("tiny", {"data": 8}, "none", "fp32"),
-        ("tiny", {"fsdp": 4, "tensor": 2}, "full", "fp32"),
-        ("default", {"data": 2, "fsdp": 4}, "dots_no_batch", "fp32"),
-        ("default", {"fsdp": 8}, "none", "bf16"),
+        ("tiny", {"data": 8}, "none", "fp32", 1),
+        ("tiny", {"fsdp": 4, "tensor": 2}, "full", "fp32", 1),
+        ("default", {"data": 2, "fsdp": 4}, "dots_no_batch", "fp32", 1),
+        ("default", {"fsdp": 8}, "none", "bf16", 1),
+        # The planner runs remat plans as the loop whatever the preset; `default` unrolls.
+        ("default", {"data": 2, "fsdp": 4}, "dots_no_batch", "fp32", 0),
+        ("default", {"data": 8}, "none", "fp32", 0),
     ],
 )
-def test_memory_prediction_within_10_percent_of_xla(preset, mesh, remat, precision):
-    cfg = dataclasses.replace(PRESETS[preset], precision=precision)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat))
-    plan = Plan.from_config(cfg, mesh=mesh)
+def test_memory_prediction_within_10_percent_of_xla(preset, mesh, remat, precision, unroll):
+    cfg = PRESETS[preset].replace(
+        precision=precision, model={"remat": remat, "scan_unroll": unroll}
+    )
+    base = Plan.from_config(cfg)
+    c = Candidate({a.name: mesh.get(a.name, 1) for a in base.axes}, remat)
+    plan = to_plan(c, base)
     cfg = apply_plan(cfg, plan)
     xla = memory(compile_abstract(cfg, plan)).total_gb
-    c = Candidate({a.name: mesh.get(a.name, 1) for a in plan.axes}, remat)
     predicted = estimate(workload(cfg, plan), c, cpu8(), plan.rules, precision).memory_gb
     error = predicted["total"] / xla - 1
-    if precision == "bf16" and tuple(map(int, jax.__version__.split(".")[:2])) >= (0, 11):
+    if plan.scan_unroll != 1:
+        # The estimate is the loop's; unrolled without remat XLA keeps 12-26 % less (no
+        # stacked residual buffers): the prediction must stay on the safe side.
+        assert 0 <= error < 0.3, (predicted, xla)
+    elif precision == "bf16" and tuple(map(int, jax.__version__.split(".")[:2])) >= (0, 11):
         # The fit is jax 0.10's; jax 0.11's CPU plan for bf16 steps is 10-25 % smaller still
         # (benchmarks/RESULTS.md): the prediction must at least stay on the safe side.
         assert 0 <= error < 0.25, (predicted, xla)
