@@ -66,3 +66,19 @@ def test_mfu_sweep_reports_each_variant_and_survives_a_failing_one(tmp_path):
     assert rows[1].startswith(" 1 cudnn ") and "runs on NVIDIA GPUs only" in rows[1]
     logged = (tmp_path / "sweep.jsonl").read_text().splitlines()
     assert len(logged) == 2 and '"tokens_per_s"' in logged[0] and '"error"' in logged[1]
+
+
+def test_layer_loop_benchmark_times_both_settings_and_their_losses_agree(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import layer_loop
+
+    args = ["--config", "tiny", "--rounds", "2", "--steps_per_round", "2", "--warmup", "1"]
+    assert layer_loop.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("round ") for line in lines) == 2
+    loop, unrolled = lines[-2:]
+    assert loop.startswith("--model.scan_unroll=1: median") and "(1.00x)" in loop
+    assert unrolled.startswith("--model.scan_unroll=0: median")
+    # Same arithmetic: fp32 losses of the timed steps agree exactly.
+    assert loop.endswith("max loss difference 0.0e+00")
+    assert unrolled.endswith("max loss difference 0.0e+00")
