@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from engine.config import parse_args  # noqa: E402
 from engine.setup import setup  # noqa: E402
+from sharding import describe_mesh  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                         "losses": [], "compile_s": run.compile_s,
                         "temp_mb": m.temp_size_in_bytes / 1e6 if m else float("nan")}  # fmt: skip
     print(f"{base.model.n_layers} layers | batch {base.batch_size} x {base.data.seq_len} | "
-          f"{base.precision} | {len(runs[unrolls[0]]['run'].mesh.devices.flat)} device(s), "
-          f"{jax.devices()[0].platform} | jax {jax.__version__}")  # fmt: skip
+          f"{base.precision} | mesh {describe_mesh(run.mesh)} on {jax.devices()[0].platform} "
+          f"| jax {jax.__version__}")  # fmt: skip
 
     tokens = base.batch_size * base.data.seq_len * args.steps_per_round
     for r in range(args.rounds):
