@@ -74,7 +74,9 @@ def grid():
 
 def configure(name, mesh, remat, changes):
     cfg = preset(name)
-    sections = {"model": {"remat": remat}}
+    # The layer loop, which the estimate models (`default` unrolls its layers; the planner runs
+    # remat plans as the loop, and unrolled no-remat plans need less: engine.autoplan.to_plan).
+    sections = {"model": {"remat": remat, "scan_unroll": 1}}
     for key, value in changes.items():
         section, _, field = key.rpartition(".")
         if section:

@@ -15,7 +15,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from models.layers import FEED_FORWARD, RMSNorm, attention, param, remat_policy, rotary, zeros
+from models.layers import (
+    FEED_FORWARD,
+    RMSNorm,
+    attention,
+    dense,
+    param,
+    remat_policy,
+    rotary,
+    zeros,
+)
 from models.moe import MoEConfig
 from sharding import constrain
 
@@ -200,8 +209,7 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.mlp = FEED_FORWARD["moe" if moe else cfg.feed_forward](cfg, rngs)
 
-    def _project(self, h, w, bias, norm):
-        y = jnp.einsum("btd,dhk->bthk", h, w[...])
+    def _project(self, y, bias, norm):
         if bias is not None:
             y = y + bias[...].astype(y.dtype)
         return y if norm is None else norm(y)
@@ -214,9 +222,10 @@ class Block(nnx.Module):
         bias = (self.bq, self.bk, self.bv) if cfg.qkv_bias else (None,) * 3
         norms = (self.q_norm, self.k_norm) if cfg.qk_norm else (None, None)
         h = self.attn_norm(x)
-        q = self._project(h, self.wq, bias[0], norms[0])
-        k = self._project(h, self.wk, bias[1], norms[1])
-        v = self._project(h, self.wv, bias[2], None)
+        q, k, v = dense(h, self.wq[...], self.wk[...], self.wv[...])
+        q = self._project(q, bias[0], norms[0])
+        k = self._project(k, bias[1], norms[1])
+        v = self._project(v, bias[2], None)
         freq = rope_frequencies(cfg)
         q = constrain(rotary(q, positions, freq), ("batch", "length", "heads", None))
         k = constrain(rotary(k, positions, freq), ("batch", "length", "kv_heads", None))
@@ -234,7 +243,7 @@ class Block(nnx.Module):
             visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
         o = attention(q, k, v, self.attention, visible, segments, positions, self.context)
         o = checkpoint_name(o, "attention")
-        o = checkpoint_name(jnp.einsum("bthk,hkd->btd", o, self.wo[...]), "attn_out")
+        o = checkpoint_name(dense(o, self.wo[...], n_in=2), "attn_out")
         x = constrain(x + o, ("batch", "length", "embed"))
 
         y, aux = self.mlp(self.mlp_norm(x))
@@ -369,7 +378,7 @@ class Llama(nnx.Module):
     def logits(self, x):
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...])
+            logits = dense(x, self.embed[...].T)
         else:
-            logits = jnp.einsum("btd,dv->btv", x, self.head[...])
+            logits = dense(x, self.head[...])
         return constrain(logits, ("batch", "length", "vocab"))

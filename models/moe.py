@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from models.layers import FEED_FORWARD, Aux, SwiGLU, param
+from models.layers import FEED_FORWARD, Aux, SwiGLU, dense, param
 from sharding import constrain, route_to_experts
 
 
@@ -128,9 +128,7 @@ class MoE(nnx.Module):
     def __call__(self, h) -> tuple[jax.Array, Aux]:
         moe = self.cfg
         # Router in fp32: bf16 logits change which experts win.
-        logits = jnp.einsum(
-            "btd,de->bte", h.astype(jnp.float32), self.router[...].astype(jnp.float32)
-        )
+        logits = dense(h.astype(jnp.float32), self.router[...].astype(jnp.float32))
         probs, weights, experts = route(logits, moe.top_k, moe.norm_topk)
         aux = router_losses(logits, probs, experts, moe.experts)
         y, dropped = route_to_experts(

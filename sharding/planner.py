@@ -51,18 +51,18 @@ USABLE_MEMORY = 0.9  # of a device's memory, the rest for the runtime and fragme
 # 16-bit copy of the params; gathered / tables: one layer's weights and the vocabulary tables
 # gathered by FSDP (XLA's plan shows no separate room for a gathered layer: 0).
 FIT = {
-    "saved_none": 0.95,
-    "saved_dots": 1.21,
-    "saved_full": 1.49,
-    "work_none": 0.52,
-    "work_dots": 0.66,
-    "work_full": 0.87,
+    "saved_none": 0.94,
+    "saved_dots": 1.17,
+    "saved_full": 1.03,
+    "work_none": 0.47,
+    "work_dots": 0.58,
+    "work_full": 0.80,
     "stage_inputs": 1.00,
-    "logits": 2.06,
-    "grads": 0.82,
-    "compute_copy": 0.98,
+    "logits": 1.94,
+    "grads": 0.77,
+    "compute_copy": 1.11,
     "gathered": 0.00,
-    "tables": 1.58,
+    "tables": 1.29,
 }
 
 
