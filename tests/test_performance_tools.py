@@ -82,3 +82,15 @@ def test_layer_loop_benchmark_times_both_settings_and_their_losses_agree(capsys)
     # Same arithmetic: fp32 losses of the timed steps agree exactly.
     assert loop.endswith("max loss difference 0.0e+00")
     assert unrolled.endswith("max loss difference 0.0e+00")
+
+
+def test_block_kernels_benchmark_checks_the_three_forms_agree_before_timing(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import block_kernels
+
+    shapes = ["--batch", "2", "--seq", "16", "--d_model", "32", "--heads", "4", "--d_ff", "64"]
+    assert block_kernels.main([*shapes, "--rounds", "1", "--repeats", "1"]) == 0
+    swiglu, attention = capsys.readouterr().out.splitlines()[1:]
+    for line in (swiglu, attention):
+        assert "engine / einsum" in line and "torch / engine" in line
+        assert float(line.rsplit("agree to ", 1)[1]) < 1e-4
