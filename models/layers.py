@@ -57,10 +57,11 @@ def dense(x, *weights, n_in: int = 1):
     """`x` [..., *in] times each of `weights` [*in, *out] -> [..., *out] (a tuple for several
     weights), with every leading position of `x` (batch, length) merged into one. A weight's
     gradient then contracts one dimension; contracting batch and length apart, XLA:CPU first
-    copies an operand into a transposed layout (the SwiGLU block's backward ran 1.5x slower on
-    2 cores). Several weights share one merged input, so autodiff keeps it once. Under context
-    parallelism batch and length stay apart: they are split over different mesh axes, which one
-    merged dimension cannot carry without resharding."""
+    copies an operand into a transposed layout (the SwiGLU block ran 1.3-1.5x slower on 2
+    cores, forward and backward: benchmarks/block_kernels.py). Several weights share one merged
+    input, so autodiff keeps it once. Under context parallelism batch and length stay apart:
+    they are split over different mesh axes, which one merged dimension cannot carry without
+    resharding."""
     lead = x.shape[: x.ndim - n_in]
     if context_degree() == 1:
         x = x.reshape(-1, *x.shape[x.ndim - n_in :])
@@ -105,7 +106,7 @@ def xla_attention(q, k, v, visible=None, segments=None):
     groups = h // kv
     # [B, K, G*T, D]: the query heads of a kv head stacked along the rows, so both einsums and
     # their gradients are matmuls batched over (batch, kv head) with no operand to transpose
-    # (on 2 CPU cores 1.3x faster than [B, T, K, G, D] einsums, forward and backward).
+    # (on 2 CPU cores 1.2-1.3x faster than [B, T, K, G, D] einsums: block_kernels.py).
     q = q.reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, d)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32) * d**-0.5

@@ -209,7 +209,7 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.mlp = FEED_FORWARD["moe" if moe else cfg.feed_forward](cfg, rngs)
 
-    def _project(self, y, bias, norm):
+    def _add_bias_and_norm(self, y, bias, norm):
         if bias is not None:
             y = y + bias[...].astype(y.dtype)
         return y if norm is None else norm(y)
@@ -223,9 +223,9 @@ class Block(nnx.Module):
         norms = (self.q_norm, self.k_norm) if cfg.qk_norm else (None, None)
         h = self.attn_norm(x)
         q, k, v = dense(h, self.wq[...], self.wk[...], self.wv[...])
-        q = self._project(q, bias[0], norms[0])
-        k = self._project(k, bias[1], norms[1])
-        v = self._project(v, bias[2], None)
+        q = self._add_bias_and_norm(q, bias[0], norms[0])
+        k = self._add_bias_and_norm(k, bias[1], norms[1])
+        v = self._add_bias_and_norm(v, bias[2], None)
         freq = rope_frequencies(cfg)
         q = constrain(rotary(q, positions, freq), ("batch", "length", "heads", None))
         k = constrain(rotary(k, positions, freq), ("batch", "length", "kv_heads", None))
