@@ -13,6 +13,7 @@ Pieces, each as one jitted gradient (JAX) or one forward + backward (PyTorch, ea
              rows) against the [B, T, K, G, D] einsums it replaced; torch:
              `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`.
 Variants alternate in rounds; prints the median ms of each and each JAX form's ratio to torch.
+JAX runs on its default device, torch on the CPU: on a GPU, compare the two JAX forms.
 """
 
 from __future__ import annotations
