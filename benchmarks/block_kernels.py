@@ -6,7 +6,7 @@ einsum form it replaced, and in PyTorch: where a CPU step's time goes, piece by 
         --kv_heads 12 --d_ff 3072                       # `small`'s
 
 Pieces, each as one jitted gradient (JAX) or one forward + backward (PyTorch, eager):
-  swiglu     down(silu(gate(x)) * up(x)): `models.layers.SwiGLU`'s matmuls (`dense`: tokens
+  swiglu     down(silu(gate(x)) * up(x)): `models.layers.SwiGLU` itself (`dense`: tokens
              merged into one dimension) against "btd,df->btf" einsums, whose weight gradients
              contract batch and length apart; torch: three `nn.Linear`;
   attention  causal grouped-query attention: `models.layers.xla_attention` ([B, K, G*T, D]
@@ -19,6 +19,7 @@ JAX runs on its default device, torch on the CPU: on a GPU, compare the two JAX 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -30,8 +31,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from models.layers import dense, xla_attention  # noqa: E402
+from models import LlamaConfig  # noqa: E402
+from models.layers import SwiGLU, xla_attention  # noqa: E402
 
 # `default`'s shapes and batch; rounds of `repeats` steps of each variant.
 DEFAULTS = dict(batch=32, seq=128, d_model=128, heads=4, kv_heads=2, d_ff=384, rounds=7, repeats=10)
@@ -43,8 +46,12 @@ def einsum_swiglu(x, w_gate, w_up, w_down):
 
 
 def engine_swiglu(x, w_gate, w_up, w_down):
-    gate, up = dense(x, w_gate, w_up)
-    return dense(jax.nn.silu(gate) * up, w_down)
+    """`models.layers.SwiGLU` itself, holding the given weights."""
+    d, f = w_gate.shape
+    config = dataclasses.replace(LlamaConfig(), d_model=d, d_ff=f)
+    block = nnx.eval_shape(lambda: SwiGLU(config, nnx.Rngs(0)))
+    block.w_gate, block.w_up, block.w_down = (nnx.Param(w) for w in (w_gate, w_up, w_down))
+    return block(x)[0]
 
 
 def einsum_attention(q, k, v):
