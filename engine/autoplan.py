@@ -166,8 +166,10 @@ def _saved_bytes(cfg: Config, model: nnx.Module, dtype, remat: str) -> tuple[flo
     whole = parted = 0.0
     for a, b in zip(one, two, strict=True):
         grown = math.prod(b.shape) * b.dtype.itemsize - math.prod(a.shape) * a.dtype.itemsize
-        # As wide as the layer's input (the residual stream): not split by tensor parallelism.
-        if width is not None and b.shape[-1:] == (width,) and math.prod(b.shape) == 2 * seq * width:
+        # As wide as the layer's input (the residual stream, kept transposed by bf16 matmuls on
+        # a CPU): not split by tensor parallelism.
+        wide = width is not None and width in b.shape[:1] + b.shape[-1:]
+        if wide and math.prod(b.shape) == 2 * seq * width:
             whole += grown
         else:
             parted += grown

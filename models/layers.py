@@ -8,6 +8,7 @@ loss (an MoE router's balance loss, say); the layer stack averages them over lay
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -25,8 +26,16 @@ ACTIVATION_NAMES = ("query", "key", "value", "attention", "attn_out", "mlp_hidde
 
 _POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # `dense`'s results named "dot" count as dots: on XLA:CPU in bf16 they sit behind a custom
+    # gradient.
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots,
+        jax.checkpoint_policies.save_only_these_names("dot"),
+    ),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("dot"),
+    ),
 }
 REMAT_HELP = (
     "none, full, dots (keep matmul outputs), dots_no_batch (keep only weight-like matmul "
@@ -55,18 +64,70 @@ def param(rngs: nnx.Rngs, shape, names, stddev: float) -> nnx.Param:
 
 def dense(x, *weights, n_in: int = 1):
     """`x` [..., *in] times each of `weights` [*in, *out] -> [..., *out] (a tuple for several
-    weights), with every leading position of `x` (batch, length) merged into one. A weight's
-    gradient then contracts one dimension; contracting batch and length apart, XLA:CPU first
-    copies an operand into a transposed layout (the SwiGLU block ran 1.3-1.5x slower on 2
-    cores, forward and backward: benchmarks/block_kernels.py). Several weights share one merged
-    input, so autodiff keeps it once. Under context parallelism batch and length stay apart:
-    they are split over different mesh axes, which one merged dimension cannot carry without
-    resharding."""
+    weights), as matmuls of two-dimensional operands: the leading positions of `x` (batch,
+    length) merged into rows, `in` and `out` each merged into one dimension (bitcasts).
+    - A weight's gradient then contracts one dimension; contracting batch and length apart,
+      XLA:CPU first copies an operand into a transposed layout (the SwiGLU block ran 1.3-1.5x
+      slower on 2 cores, forward and backward: benchmarks/block_kernels.py).
+    - Several weights share one merged input, so autodiff keeps it once.
+    - Under context parallelism batch and length stay apart: they are split over different
+      mesh axes, which one merged dimension cannot carry without resharding."""
     lead = x.shape[: x.ndim - n_in]
     if context_degree() == 1:
-        x = x.reshape(-1, *x.shape[x.ndim - n_in :])
-    ys = tuple(jnp.tensordot(x, w, n_in).reshape(*lead, *w.shape[n_in:]) for w in weights)
+        x = x.reshape(-1, math.prod(x.shape[x.ndim - n_in :]))
+        ys = _matmuls(x, tuple(w.reshape(x.shape[1], -1) for w in weights))
+    else:
+        ys = tuple(jnp.tensordot(x, w, n_in) for w in weights)
+    ys = tuple(y.reshape(*lead, *w.shape[n_in:]) for y, w in zip(ys, weights, strict=True))
     return ys if len(ys) > 1 else ys[0]
+
+
+def _matmuls(x, ws):
+    """x [N, K] @ each of ws [K, F]. In 16 bits on XLA:CPU, summed in fp32 and rounded once,
+    forward and backward: XLA:CPU's bf16 matmul kernel (avx512_bf16) writes fp32 only, so it
+    runs a bf16 -> bf16 matmul in fp32 with both operands upcast first (2.1x slower on 2
+    cores), and autodiff of an fp32 result would feed fp32 cotangents, and fp32 matmuls, to
+    the backward. The rounding is the one a bf16 matmul does. GPUs keep the plain matmul
+    (their kernels already sum in fp32). The results are named for the `dots` remat policies,
+    which cannot see through a custom gradient."""
+    if not _cpu_16_bit(jnp.result_type(x, *ws)):
+        return tuple(x @ w for w in ws)
+    return tuple(checkpoint_name(y, "dot") for y in _matmuls_fp32_sum(x, ws))
+
+
+def _cpu_16_bit(dtype) -> bool:
+    """Whether a matmul in `dtype` is one XLA:CPU would run in fp32 with its operands upcast."""
+    return jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize < 4
+
+
+_ROWS = (((1,), (0,)), ((), ()))  # [N, K] x [K, F]: x @ w
+_COLS = (((1,), (1,)), ((), ()))  # [N, F] x [K, F]: g @ w.T
+
+
+def _fp32_sum(a, b, dims):
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _matmuls_fp32_sum(x, ws):
+    return tuple(_fp32_sum(x, w, _ROWS).astype(x.dtype) for w in ws)
+
+
+def _matmuls_fp32_sum_fwd(x, ws):
+    # The weight gradients contract the rows: keeping x transposed (one copy for all of ws)
+    # gives them [K, N] @ [N, F], a form XLA:CPU's bf16 kernel takes; x itself would be
+    # upcast to fp32 instead. Where XLA sees the transpose next to the matmul (no layer loop
+    # between them) it folds it back, and the matmul runs as before.
+    return _matmuls_fp32_sum(x, ws), (x.T, ws)
+
+
+def _matmuls_fp32_sum_bwd(residuals, gs):
+    x_t, ws = residuals
+    dx = sum(_fp32_sum(g, w, _COLS) for g, w in zip(gs, ws, strict=True))
+    return dx.astype(x_t.dtype), tuple(_fp32_sum(x_t, g, _ROWS).astype(x_t.dtype) for g in gs)
+
+
+_matmuls_fp32_sum.defvjp(_matmuls_fp32_sum_fwd, _matmuls_fp32_sum_bwd)
 
 
 def zeros(shape, names) -> nnx.Param:

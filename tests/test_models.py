@@ -1,6 +1,8 @@
 """Models: parameter counts, depth-independent compile, remat, and the digits target."""
 
 import dataclasses
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ from flax import nnx
 from engine.config import PRESETS
 from engine.trainer import flops_per_token, setup, train
 from models import LLAMA_PRESETS, Llama
+from models.layers import dense
 from models.llama import attention
 from sharding import DEFAULT_RULES, axis_rules, make_mesh
 
@@ -132,3 +135,75 @@ def test_weight_gradients_contract_tokens_as_one_dimension(mesh):
     assert len(weights) >= 3 * 8
     apart = [c for c in weights if all({0, 1} <= set(side) for side in c)]
     assert len(apart) == (8 if "context" in mesh else 0), weights
+
+
+def test_bf16_dense_sums_in_fp32_and_rounds_once():
+    """On XLA:CPU a bf16 `dense` runs a custom gradient (XLA would upcast both operands of a
+    bf16 -> bf16 matmul to fp32): its results are the fp32 ones rounded once, and its
+    gradients those of plain bf16 matmuls."""
+    assert jax.default_backend() == "cpu"
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (4, 8, 3, 16), jnp.bfloat16)
+    w1, w2 = (0.1 * jax.random.normal(k, (3, 16, 24), jnp.bfloat16) for k in keys[1:3])
+    cotangent = jax.random.normal(keys[3], (4, 8, 24))
+
+    def loss(x, w1, w2, dense=dense):
+        a, b = dense(x, w1, w2, n_in=2)
+        return jnp.sum((a.astype(jnp.float32) - 2 * b.astype(jnp.float32)) * cotangent)
+
+    def plain(x, *weights, n_in):
+        return tuple(jnp.tensordot(x, w, n_in) for w in weights)
+
+    a, b = dense(x, w1, w2, n_in=2)
+    assert a.dtype == b.dtype == jnp.bfloat16
+    exact = [v.astype(jnp.float32) for v in (x, w1, w2)]
+    np.testing.assert_array_equal(a, dense(exact[0], exact[1], n_in=2).astype(jnp.bfloat16))
+    np.testing.assert_array_equal(b, dense(exact[0], exact[2], n_in=2).astype(jnp.bfloat16))
+    grads = jax.grad(loss, argnums=(0, 1, 2))(x, w1, w2)
+    expected = jax.grad(functools.partial(loss, dense=plain), argnums=(0, 1, 2))(x, w1, w2)
+    for got, want in zip(grads, expected, strict=True):
+        assert got.dtype == jnp.bfloat16
+        scale = float(jnp.abs(want.astype(jnp.float32)).max())
+        np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32),
+                                   rtol=2**-7, atol=2**-8 * scale)  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["dots", "dots_no_batch"])
+def test_remat_policies_keep_the_same_activations_in_bf16(policy):
+    """bf16 matmuls sit behind a custom gradient on XLA:CPU, which remat policies cannot see
+    into: the `dots` policies keep their results by name, as many as in fp32."""
+    model = lambda: Llama(LLAMA_PRESETS["tiny"], nnx.Rngs(0), remat=policy)  # noqa: E731
+    graphdef, params = nnx.split(nnx.eval_shape(model))
+    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+
+    def saved(dtype):  # what the backward keeps: the leaves of the vjp's closure
+        cast = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, dtype), params)
+
+        def fn(p):
+            return nnx.merge(graphdef, p)(tokens)
+
+        residuals = jax.eval_shape(lambda p: jax.vjp(fn, p)[1], cast)
+        # Transposes count alike: the bf16 matmuls keep their input transposed.
+        return sorted(tuple(sorted(a.shape)) for a in jax.tree.leaves(residuals))
+
+    assert saved(jnp.bfloat16) == saved(jnp.float32)
+
+
+def test_bf16_weight_gradients_run_as_bf16_matmuls_in_the_layer_loop():
+    """XLA:CPU's bf16 matmul kernel takes [K, N] @ [N, F] but not a matmul contracting the rows
+    of both operands, which it runs in fp32: `dense` keeps its input transposed for the weight
+    gradient. No two-dimensional matmul of a bf16 layer stack may run in fp32."""
+    cfg = dataclasses.replace(LLAMA_PRESETS["tiny"], n_layers=2, tie_embeddings=False)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.bfloat16), params)
+    tokens = jax.ShapeDtypeStruct((4, 32), jnp.int32)
+
+    def loss(layers, params, tokens):  # the layers' gradients: the output layer's runs apart
+        params["layers"] = layers
+        return nnx.merge(graphdef, params)(tokens).astype(jnp.float32).mean()
+
+    hlo = jax.jit(jax.grad(loss)).lower(params["layers"], params, tokens).compile().as_text()
+    shapes = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
+    dots = re.findall(r"= \w+\[\d+,\d+\]\S* dot\(%(\S+), %(\S+)\)", hlo)
+    assert len(dots) >= 7 * 3  # q, k, v, o, gate, up, down: forward, dx and dw
+    assert [d for d in dots if "f32" in (shapes[d[0]], shapes[d[1]])] == []
