@@ -124,7 +124,8 @@ def _matmuls_fp32_sum_fwd(x, ws):
 def _matmuls_fp32_sum_bwd(residuals, gs):
     x_t, ws = residuals
     dx = sum(_fp32_sum(g, w, _COLS) for g, w in zip(gs, ws, strict=True))
-    return dx.astype(x_t.dtype), tuple(_fp32_sum(x_t, g, _ROWS).astype(x_t.dtype) for g in gs)
+    dws = tuple(_fp32_sum(x_t, g, _ROWS).astype(w.dtype) for g, w in zip(gs, ws, strict=True))
+    return dx.astype(x_t.dtype), dws
 
 
 _matmuls_fp32_sum.defvjp(_matmuls_fp32_sum_fwd, _matmuls_fp32_sum_bwd)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers import dense
 from sharding import constrain
 
 
@@ -28,19 +29,19 @@ class ClassifierConfig:
 
 class MLPClassifier(nnx.Module):
     def __init__(self, cfg: ClassifierConfig, rngs: nnx.Rngs):
-        def dense(n_in, n_out, names):
+        def linear(n_in, n_out, names):
             value = jax.random.normal(rngs.params(), (n_in, n_out)) * (2.0 / n_in) ** 0.5
             return nnx.Param(value, out_sharding=names), nnx.Param(
                 jnp.zeros((n_out,)), out_sharding=names[1:]
             )
 
-        self.w1, self.b1 = dense(cfg.in_features, cfg.hidden, ("embed", "mlp"))
-        self.w2, self.b2 = dense(cfg.hidden, cfg.hidden, ("mlp", "embed"))
-        self.w3, self.b3 = dense(cfg.hidden, cfg.num_classes, ("embed", "classes"))
+        self.w1, self.b1 = linear(cfg.in_features, cfg.hidden, ("embed", "mlp"))
+        self.w2, self.b2 = linear(cfg.hidden, cfg.hidden, ("mlp", "embed"))
+        self.w3, self.b3 = linear(cfg.hidden, cfg.num_classes, ("embed", "classes"))
 
     def __call__(self, x):
         """Logits [batch, classes] for flattened images `x` [batch, features]."""
         x = constrain(x, ("batch", None))
-        x = jax.nn.gelu(x @ self.w1[...] + self.b1[...])
-        x = jax.nn.gelu(x @ self.w2[...] + self.b2[...])
-        return x @ self.w3[...] + self.b3[...]
+        x = jax.nn.gelu(dense(x, self.w1[...]) + self.b1[...])
+        x = jax.nn.gelu(dense(x, self.w2[...]) + self.b2[...])
+        return dense(x, self.w3[...]) + self.b3[...]
