@@ -12,8 +12,11 @@ Variants, all on one device:
   torch eager     `LlamaForCausalLM` (SDPA attention) + `torch.optim.AdamW` (decay on matrices
                   only, as ours), global-norm clipping, the same warmup + cosine schedule;
   torch.compile   the same model and step under `torch.compile` (inductor).
-bf16 is the same policy on both sides: fp32 weights and AdamW state, bf16 compute (`jax`:
-`--precision bf16`; torch: `autocast(bfloat16)`), loss in fp32.
+Where our config recomputes activations (`--model.remat`, e.g. `1b`), the torch twin does too,
+through Hugging Face's gradient checkpointing, which recomputes whole layers
+(`--torch_checkpointing auto`, the default; `yes`/`no` force it): on an H100, `1b`'s eager step
+without it ran out of the card's 80 GB. bf16 is the same policy on both sides: fp32 weights and
+AdamW state, bf16 compute (`jax`: `--precision bf16`; torch: `autocast(bfloat16)`), loss in fp32.
 
 First the equivalence check: the torch model is loaded from our initial params through the
 Hugging Face export (`engine.hf.save_params`), and the first step's loss on the same batch
@@ -58,9 +61,10 @@ from engine.hf import save_params  # noqa: E402
 from engine.setup import Run, setup  # noqa: E402
 
 
-def torch_twin(run: Run, device: str = "cpu"):
+def torch_twin(run: Run, device: str = "cpu", checkpointing: str = "auto"):
     """The run's model as `transformers.LlamaForCausalLM` with its initial weights, and the
-    optimizer and schedule of `run.cfg` in torch: (model, optimizer, scheduler)."""
+    optimizer and schedule of `run.cfg` in torch: (model, optimizer, scheduler). Checkpointing
+    `auto` recomputes layers where `run.cfg.model.remat` recomputes anything."""
     cfg = run.cfg
     with tempfile.TemporaryDirectory() as hf_dir:
         save_params(nnx.to_pure_dict(run.state.params), cfg.model.arch, hf_dir)
@@ -68,6 +72,8 @@ def torch_twin(run: Run, device: str = "cpu"):
             hf_dir, dtype=torch.float32, attn_implementation="sdpa"
         ).to(device)
     model.train()
+    if checkpointing == "yes" or (checkpointing == "auto" and cfg.model.remat != "none"):
+        model.gradient_checkpointing_enable({"use_reentrant": False})
     o = cfg.optim
     matrices = [p for p in model.parameters() if p.ndim >= 2]  # decay matrices, as ours
     others = [p for p in model.parameters() if p.ndim < 2]
@@ -137,7 +143,7 @@ VARIANTS = ("shardtrain", "torch eager", "torch.compile")
 RATES = "rates: "  # how a variant's own process reports its tokens/s
 
 
-def make_variant(name: str, run: Run, batches: list, device: str):
+def make_variant(name: str, run: Run, batches: list, device: str, checkpointing: str = "auto"):
     """A function that trains `name` for n steps on `batches` (cycled) and waits for the device."""
     if name == "shardtrain":
         on_device = [run.put_batch(b) for b in batches]
@@ -150,7 +156,7 @@ def make_variant(name: str, run: Run, batches: list, device: str):
             jax.block_until_ready(metrics["loss"])
 
         return shardtrain_round
-    model, optimizer, scheduler = torch_twin(run, device)
+    model, optimizer, scheduler = torch_twin(run, device, checkpointing)
     model = torch.compile(model) if name == "torch.compile" else model
     step = torch_step_fn(model, optimizer, scheduler, run.cfg)
     torch_batches = [torch_batch(b, device) for b in batches]
@@ -170,7 +176,9 @@ def timed(names, cfg: Config, args, device: str) -> dict[str, list[float]]:
         cfg, devices = cfg.replace(model={"attention": "xla"}), jax.devices("cpu")[:1]
     run = setup(cfg, devices)
     batches = [run.task.train_batch(i) for i in range(args.steps_per_round)]
-    variants = {name: make_variant(name, run, batches, device) for name in names}
+    variants = {
+        name: make_variant(name, run, batches, device, args.torch_checkpointing) for name in names
+    }
     tokens = cfg.batch_size * cfg.data.seq_len
     for name, fn in variants.items():
         start = time.perf_counter()
@@ -209,9 +217,13 @@ def isolated(names, args, argv: list[str]) -> dict[str, list[float]]:
 
 def equivalent(cfg: Config, device: str) -> bool:
     """Whether both sides give the same first-step loss in fp32 from the same weights; prints it.
-    A batch of at most 4: fp32 attention scores at full batch overflow a GPU."""
+    At most 2 x 512 tokens: both frameworks hold a model and its AdamW state on one card, and
+    `1b`'s fp32 activations at 4 x 2048 ran an H100 out of memory beside them."""
     check = cfg.replace(
-        precision="fp32", model={"attention": "xla"}, batch_size=min(cfg.batch_size, 4)
+        precision="fp32",
+        model={"attention": "xla"},
+        batch_size=min(cfg.batch_size, 2),
+        data={"seq_len": min(cfg.data.seq_len, 512)},
     )
     # Full fp32 matmuls on both sides: JAX on a GPU otherwise rounds fp32 matmuls through TF32.
     with jax.default_matmul_precision("highest"):
@@ -235,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isolate", choices=("yes", "no"), default="yes",
                         help="a process per variant")  # fmt: skip
     parser.add_argument("--cycles", type=int, default=2, help="with --isolate: process cycles")
+    parser.add_argument("--torch_checkpointing", choices=("auto", "yes", "no"), default="auto",
+                        help="HF gradient checkpointing (whole layers); auto: where --model.remat "
+                        "is set")  # fmt: skip
     parser.add_argument("--variant", choices=(*VARIANTS, "check"), help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     cfg = parse_args(["--config", "default", *rest] if "--config" not in rest else rest)
@@ -249,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     separate = args.isolate == "yes"
     # Separate: the check in a process of its own too, so its GPU memory is gone before timing.
     check = [sys.executable, __file__, *argv, "--variant", "check"]
-    if not (subprocess.run(check).returncode == 0 if separate else equivalent(cfg, device)):
+    # The platform allocator hands freed JAX memory back to the card, where torch can take it.
+    env = {**os.environ, "XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
+    if not (
+        subprocess.run(check, env=env).returncode == 0 if separate else equivalent(cfg, device)
+    ):
         return 1
 
     names = [n for n in VARIANTS if not (args.no_compile and n == "torch.compile")]
