@@ -10,7 +10,8 @@ Pieces, each as one jitted gradient (JAX) or one forward + backward (PyTorch, ea
              merged into one dimension) against "btd,df->btf" einsums, whose weight gradients
              contract batch and length apart; torch: three `nn.Linear`;
   attention  causal grouped-query attention: `models.layers.xla_attention` ([B, K, G*T, D]
-             rows) against the [B, T, K, G, D] einsums it replaced; torch:
+             rows, in causal blocks of query rows on a CPU) against the [B, T, K, G, D]
+             einsums over the whole [T, T] scores it replaced; torch:
              `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`.
 Variants alternate in rounds; prints the median ms of each and each JAX form's ratio to torch.
 JAX runs on its default device, torch on the CPU: on a GPU, compare the two JAX forms.

@@ -13,7 +13,7 @@ from flax import nnx
 from engine.config import PRESETS
 from engine.trainer import flops_per_token, setup, train
 from models import LLAMA_PRESETS, Llama
-from models.layers import dense
+from models.layers import causal_block_rows, dense, xla_attention
 from models.llama import attention
 from sharding import DEFAULT_RULES, axis_rules, make_mesh
 
@@ -65,8 +65,9 @@ def test_digits_reaches_95_percent(tmp_path):
 
 def test_flops_per_token_matches_xla_cost_analysis():
     # XLA counts a scan body once, so compare a one-layer model; XLA also computes the masked
-    # half of causal attention, which the model-FLOPs formula rightly leaves out. A model wide
-    # enough that matmuls dominate, since the formula counts no elementwise work.
+    # part of causal attention's diagonal blocks (of rows/length of the masked half), which the
+    # model-FLOPs formula rightly leaves out. A model wide enough that matmuls dominate, since
+    # the formula counts no elementwise work.
     cfg = PRESETS["small"]
     model = dataclasses.replace(cfg.model, n_layers=1, remat="none")
     cfg = dataclasses.replace(cfg, model=model, precision="fp32", batch_size=8)
@@ -76,6 +77,7 @@ def test_flops_per_token_matches_xla_cost_analysis():
     # cost_analysis is per device; the batch is split over all of them.
     xla_per_token = cost["flops"] * run.mesh.size / (cfg.batch_size * cfg.data.seq_len)
     masked_half = 6 * cfg.data.seq_len * model.n_heads * model.head_dim
+    masked_half *= causal_block_rows(cfg.data.seq_len, jnp.float32) / cfg.data.seq_len
     assert xla_per_token == pytest.approx(flops_per_token(cfg) + masked_half, rel=0.03)
 
 
@@ -89,6 +91,42 @@ def test_einsum_attention_is_the_function_cudnn_computes():
     )
     want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     np.testing.assert_allclose(attention(q, k, v, "xla"), want, atol=1e-5)
+
+
+def test_causal_attention_in_blocks_computes_the_whole_attention():
+    """On a CPU, causal `xla_attention` runs blocks of query rows against only the keys up to
+    each block's end (80 tokens in fp32: 32 + 32 + 16 rows against 32, 64 and 80 keys); its
+    outputs and gradients, with and without a document mask, are those of the whole
+    attention."""
+    shape = (2, 80, 8, 8)
+    q, k, v, cotangent = (
+        jax.random.normal(key, shape[:2] + (heads, 8))
+        for key, heads in zip(jax.random.split(jax.random.key(0), 4), (8, 2, 2, 8), strict=True)
+    )
+    segments = jnp.repeat(jnp.array([[0, 1], [0, 0]]), jnp.array([50, 30]), axis=1)
+    same = (segments[:, :, None] == segments[:, None, :])[:, None]
+    for seg, mask in ((None, None), (segments, same)):
+
+        def ours(q, k, v, seg=seg):
+            return jnp.sum(xla_attention(q, k, v, None, seg) * cotangent)
+
+        def whole(q, k, v, mask=mask):
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+            return jnp.sum(out * cotangent)
+
+        np.testing.assert_allclose(ours(q, k, v), whole(q, k, v), rtol=1e-5)
+        for got, want in zip(
+            jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(whole, (0, 1, 2))(q, k, v), strict=True
+        ):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    assert causal_block_rows(80, jnp.float32) == 32
+    scores = [
+        eqn.outvars[0].aval.shape
+        for eqn in jax.make_jaxpr(xla_attention)(q, k, v).jaxpr.eqns
+        if eqn.primitive.name == "dot_general"
+        and eqn.params["dimension_numbers"][0] == ((3,), (3,))
+    ]
+    assert [s[-2:] for s in scores] == [(4 * 32, 32), (4 * 32, 64), (4 * 16, 80)]
 
 
 def test_document_mask_makes_a_packed_document_see_only_itself():
