@@ -100,6 +100,7 @@ def _cpu_16_bit(dtype) -> bool:
     return jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize < 4
 
 
+_BITS = {jnp.dtype(jnp.bfloat16): jnp.uint16, jnp.dtype(jnp.float16): jnp.uint16}
 _ROWS = (((1,), (0,)), ((), ()))  # [N, K] x [K, F]: x @ w
 _COLS = (((1,), (1,)), ((), ()))  # [N, F] x [K, F]: g @ w.T
 
@@ -118,11 +119,15 @@ def _matmuls_fp32_sum_fwd(x, ws):
     # gives them [K, N] @ [N, F], a form XLA:CPU's bf16 kernel takes; x itself would be
     # upcast to fp32 instead. Where XLA sees the transpose next to the matmul (no layer loop
     # between them) it folds it back, and the matmul runs as before.
-    return _matmuls_fp32_sum(x, ws), (x.T, ws)
+    # Kept as its bits: a layer loop stacks residuals, and XLA:CPU writes one layer's slice
+    # into a 16-bit float stack by converting the whole stack to fp32 and back, every layer;
+    # an integer stack it updates in place (`small` in bf16: 5 % less memory, 1.03-1.09x).
+    return _matmuls_fp32_sum(x, ws), (jax.lax.bitcast_convert_type(x.T, _BITS[x.dtype]), ws)
 
 
 def _matmuls_fp32_sum_bwd(residuals, gs):
-    x_t, ws = residuals
+    bits, ws = residuals
+    x_t = jax.lax.bitcast_convert_type(bits, gs[0].dtype)  # the outputs' dtype is x's
     dx = sum(_fp32_sum(g, w, _COLS) for g, w in zip(gs, ws, strict=True))
     dws = tuple(_fp32_sum(x_t, g, _ROWS).astype(w.dtype) for g, w in zip(gs, ws, strict=True))
     return dx.astype(x_t.dtype), dws
