@@ -73,7 +73,9 @@ def torch_twin(run: Run, device: str = "cpu", checkpointing: str = "auto"):
         ).to(device)
     model.train()
     if checkpointing == "yes" or (checkpointing == "auto" and cfg.model.remat != "none"):
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+        # transformers >= 5.24 renamed it (the old name warns); the GPU image has 5.17.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
     o = cfg.optim
     matrices = [p for p in model.parameters() if p.ndim >= 2]  # decay matrices, as ours
     others = [p for p in model.parameters() if p.ndim < 2]
