@@ -89,8 +89,11 @@ def test_block_kernels_benchmark_checks_the_three_forms_agree_before_timing(caps
     import block_kernels
 
     shapes = ["--batch", "2", "--seq", "16", "--d_model", "32", "--heads", "4", "--d_ff", "64"]
-    assert block_kernels.main([*shapes, "--rounds", "1", "--repeats", "1"]) == 0
-    swiglu, attention = capsys.readouterr().out.splitlines()[1:]
-    for line in (swiglu, attention):
-        assert "engine / einsum" in line and "torch / engine" in line
-        assert float(line.rsplit("agree to ", 1)[1]) < 1e-4
+    once = ["--rounds", "1", "--repeats", "1"]
+    for dtype, tolerance in (("fp32", 1e-4), ("bf16", 5e-2)):  # bf16: 8 bits of mantissa
+        assert block_kernels.main([*shapes, *once, "--dtype", dtype]) == 0
+        header, swiglu, attention = capsys.readouterr().out.splitlines()
+        assert f"d_ff 64, {dtype} |" in header
+        for line in (swiglu, attention):
+            assert "engine / einsum" in line and "torch / engine" in line
+            assert float(line.rsplit("agree to ", 1)[1]) < tolerance
