@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The owed GPU measurements as one device call that fits a 10-minute command limit: each step has
 # its own time limit, so one that hangs or runs out of memory costs only its share, and every
-# step's output lands in $OUT/gpu_run.log as it runs. Run benchmarks/gpu_wheels.sh here first,
+# step's output lands in $OUT/gpu_run$PART.log as it runs. Run benchmarks/gpu_wheels.sh here first,
 # then, through the device tool with carry [".whl"]:
 #   bash benchmarks/gpu_run.sh
 # PART=2 and PART=3 run the rest. Each part takes at most 9 minutes: a session's lease is 15
