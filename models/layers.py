@@ -189,7 +189,7 @@ def xla_attention(q, k, v, visible=None, segments=None):
                 same = segments[:, start:end, None] == segments[:, None, :end]
                 mask = (mask & same)[:, None]
             blocks.append(_attend(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end], mask))
-        out = jnp.concatenate(blocks, axis=3) if len(blocks) > 1 else blocks[0]
+        out = jnp.concatenate(blocks, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
