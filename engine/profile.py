@@ -34,18 +34,23 @@ def latest_trace(log_dir: str) -> str | None:
 
 
 def _leaves(line) -> list:
-    """The line's events that contain no other (a while loop's body ops, not the loop)."""
+    """The line's events that contain no other (a while loop's body ops, not the loop). Events
+    that only overlap all count: on a Hopper GPU a kernel starts while the one before drains."""
     events = sorted(
         (e for e in line.events if e.duration_ns > 0 and not e.name.startswith(_MARKERS)),
         key=lambda e: (e.start_ns, -e.duration_ns),
     )
-    if not events:  # a line with only markers or zero-length events
-        return []
-    return [
-        e
-        for e, after in zip(events, [*events[1:], None], strict=True)
-        if after is None or after.start_ns >= e.start_ns + e.duration_ns
-    ]
+    leaves = []
+    for i, e in enumerate(events):
+        end = e.start_ns + e.duration_ns
+        j = i + 1
+        while j < len(events) and events[j].start_ns < end:
+            if events[j].start_ns + events[j].duration_ns <= end:
+                break  # e holds events[j]
+            j += 1
+        else:
+            leaves.append(e)
+    return leaves
 
 
 def _timelines(data) -> tuple[str, list]:

@@ -28,6 +28,16 @@ def test_ops_inside_a_loop_count_and_the_loop_does_not():
     )
     leaves = _leaves(line)
     assert [e.name for e in leaves] == ["fusion.1", "fusion.2", "copy.7"]
+    # Kernels that overlap without nesting (a Hopper GPU starts the next one early) all count.
+    line = SimpleNamespace(
+        events=[
+            event("gemm.1", 0, 100),
+            event("gemm.2", 95, 100),
+            event("fusion.3", 190, 20),
+            event("copy.4", 200, 5),
+        ]
+    )
+    assert [e.name for e in _leaves(line)] == ["gemm.1", "gemm.2", "copy.4"]
     # A line holding only markers (seen on a loaded CI machine) has no ops, and no error.
     assert _leaves(SimpleNamespace(events=[event("ThreadpoolListener::Record", 5, 0)])) == []
     # Two streams overlapping: busy is the union, not the sum.
@@ -53,8 +63,20 @@ def test_training_writes_a_trace_and_says_where_the_time_went(tiny, capsys):
 
 
 def test_mfu_sweep_reports_each_variant_and_survives_a_failing_one(tmp_path):
-    command = [sys.executable, "benchmarks/mfu_sweep.py", "--config", "tiny", "--steps", "2",
-               "--warmup", "1", "--only", "0,1", "--out", str(tmp_path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "benchmarks/mfu_sweep.py",
+        "--config",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--only",
+        "0,1",
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(
         command, cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=600
     )
