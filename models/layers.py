@@ -127,7 +127,10 @@ def _matmuls_fp32_sum_fwd(x, ws):
 
 def _matmuls_fp32_sum_bwd(residuals, gs):
     bits, ws = residuals
-    x_t = jax.lax.bitcast_convert_type(bits, gs[0].dtype)  # the outputs' dtype is x's
+    # The barrier keeps x_t transposed. Without a layer loop between the two passes XLA would
+    # fold the transpose into the matmul, and XLA:CPU (jax 0.10) has no kernel for a 16-bit
+    # matmul that contracts rows into fp32: the step fails ("DotThunk ... BF16 x BF16 = F32").
+    x_t = jax.lax.optimization_barrier(jax.lax.bitcast_convert_type(bits, gs[0].dtype))
     dx = sum(_fp32_sum(g, w, _COLS) for g, w in zip(gs, ws, strict=True))
     dws = tuple(_fp32_sum(x_t, g, _ROWS).astype(w.dtype) for g, w in zip(gs, ws, strict=True))
     return dx.astype(x_t.dtype), dws
