@@ -51,7 +51,10 @@ from engine.trainer import setup  # noqa: E402
 from sharding import describe_mesh  # noqa: E402
 
 # `small` widened to 32 layers: a 3.2 GB state; small batches keep CPU train steps short.
-DEFAULT_ARGS = "--config small --model.n_layers=32 --mesh.data=1 --mesh.fsdp=-1 --batch_size=8"
+DEFAULT_ARGS = (
+    "--config small --model.n_layers=32 --model.scan_unroll=1 --mesh.data=1 --mesh.fsdp=-1 "
+    "--batch_size=8"
+)
 DEFAULT_ARGS = [*DEFAULT_ARGS.split(), "--data.seq_len=128"]
 
 

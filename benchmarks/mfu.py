@@ -167,7 +167,7 @@ def compile_time() -> None:
     for layers in (4, 32):
         cfg = dataclasses.replace(
             base,
-            model=dataclasses.replace(base.model, n_layers=layers),
+            model=dataclasses.replace(base.model, n_layers=layers, scan_unroll=1),  # the loop
             mesh=MeshConfig(data=1, fsdp=-1),
         )
         start = time.perf_counter()
