@@ -4,9 +4,9 @@
 # step's output lands in $OUT/gpu_run$PART.log as it runs. Run benchmarks/gpu_wheels.sh here first,
 # then, through the device tool with carry [".whl"]:
 #   bash benchmarks/gpu_run.sh
-# PART=2 and PART=3 run the rest. Each part takes at most 9 minutes: a session's lease is 15
-# minutes with the machine's start, so one part a session, in order. A CPU rehearsal at
-# toy sizes: SMOKE=1 [PART=2|3] bash benchmarks/gpu_run.sh
+# PART=2 runs the rest. Each part takes at most 9 minutes: a session's lease is 15 minutes with
+# the machine's start, so one part a session, in order. A CPU rehearsal at toy sizes:
+# SMOKE=1 [PART=2] bash benchmarks/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_run}
@@ -20,18 +20,30 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 PY=${PY:-python3}
 
 if [[ ${SMOKE:-0} == 1 ]]; then  # the same steps at toy sizes, on CPU
-  big=default; mid=tiny; attn=xla; steps=3; extra=(--data.seq_len 64 --batch_size 8)
+  big=default; mid=tiny; steps=3; extra=(--data.seq_len 64 --batch_size 8)
+  blocks=(--batch 2 --seq 64 --d_model 64 --heads 4 --kv_heads 2 --d_ff 128)
 else
-  big=1b; mid=small; attn=cudnn; steps=10; extra=()
+  big=1b; mid=small; steps=10; extra=()
+  blocks=(--batch 4 --seq 256 --d_model 768 --heads 12 --kv_heads 4 --d_ff 2048)  # small's
 fi
 
+# At its limit a step gets SIGABRT, on which Python prints every thread's stack (its own
+# subprocesses' too: timeout signals the whole process group), so a hang says where it was.
+export PYTHONFAULTHANDLER=1
+ulimit -c 0  # and writes no core file
 step() {  # step SECONDS NAME COMMAND...: run with a limit, log it, go on whatever happens
   local limit=$1 name=$2
   shift 2
   echo "=== $name (limit ${limit}s): $*"
   local start=$SECONDS
-  timeout --kill-after=5 "$limit" "$@"
+  timeout --signal=ABRT --kill-after=5 "$limit" "$@"
   echo "=== $name: rc $? after $((SECONDS - start))s"
+}
+
+keep_trace() {  # keep_trace DIR NAME: the newest trace under DIR comes back as $OUT/NAME.xplane.pb
+  local trace
+  trace=$(ls -t "$1"/plugins/profile/*/*.xplane.pb 2>/dev/null | head -1)
+  [[ -n $trace && $(stat -c %s "$trace") -lt 16000000 ]] && cp "$trace" "$OUT/$2.xplane.pb"
 }
 
 {
@@ -42,27 +54,26 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log it, go on whatev
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 || true
   if [[ ${PART:-1} == 1 ]]; then
-    # Why `small`'s step trails torch.compile's (0.79x, rounds 13 % apart): where its time goes,
-    # then which knob moves it (as configured, loss in 8 chunks, double batch, cuBLAS only,
-    # layers unrolled); then where the 1B step's time goes.
-    step 100 profile_small $PY benchmarks/mfu.py --config $mid --mesh.data=1 --steps $steps \
+    # `small` and `1b` now unroll their layers (1.35x and 1.09x in the last sweep): against
+    # PyTorch again, after a profile that checks the summary's fixed kernel count (busy was
+    # 27 % of a step, with kernels missing). Two runs with --model.scan_unroll=0 printed
+    # nothing in 190 and 250 s last time; a hang now prints its stacks.
+    step 60 profile_small $PY benchmarks/mfu.py --config $mid --mesh.data=1 --steps $steps \
       --profile /tmp/profile_small "${extra[@]}"
-    step 240 sweep_small $PY benchmarks/mfu_sweep.py --config $mid --mesh.data=1 --only 0,3,4,6,8 \
-      --steps $steps --variant_timeout 60 --attention $attn --out "$OUT/small" "${extra[@]}"
-    step 120 profile $PY benchmarks/mfu.py --config $big --mesh.data=1 --steps $steps \
-      --profile /tmp/profile "${extra[@]}"
-  elif [[ ${PART} == 2 ]]; then
-    # Against transformers + PyTorch at 1B, all three variants (HF gradient checkpointing on
-    # the torch side, as our dots_no_batch remat; without it torch's eager step ran out of memory).
-    step 280 vs_pytorch_1b $PY benchmarks/vs_pytorch.py --config $big --rounds 2 \
+    keep_trace /tmp/profile_small profile_small
+    step 230 vs_pytorch_small $PY benchmarks/vs_pytorch.py --config $mid --precision bf16 \
+      --rounds 3 --cycles 1 "${extra[@]}"
+    # HF gradient checkpointing on the torch side, as our dots_no_batch remat (without it
+    # torch's eager step ran out of memory).
+    step 230 vs_pytorch_1b $PY benchmarks/vs_pytorch.py --config $big --rounds 2 \
       --steps_per_round 3 --warmup 2 --cycles 1 "${extra[@]}"
-    # Checkpoint writes from a GPU host (its default 3 GB state: `1b`'s 20 GB, saved twice a
-    # round beside a raw copy, would fill the machine's 64 GB disk).
-    step 200 checkpoint_io $PY benchmarks/checkpoint_io.py --rounds 2 "${extra[@]}"
   else
-    # The 1B sweep's last variants: full remat at double batch, cuBLAS only, XLA attention,
-    # layers unrolled (compile time unknown).
-    step 420 mfu_sweep $PY benchmarks/mfu_sweep.py --config $big --mesh.data=1 --only 5,6,7,8 \
-      --steps $steps --variant_timeout 120 --attention $attn --out "$OUT" "${extra[@]}"
+    # Checkpoint writes from a GPU host (its default 3 GB state: `1b`'s 20 GB, saved twice a
+    # round beside a raw copy, would fill the machine's 64 GB disk); the two attention and
+    # SwiGLU forms at `small`'s shapes; the planner's pick for `1b` against the configured plan.
+    step 200 checkpoint_io $PY benchmarks/checkpoint_io.py --rounds 2 "${extra[@]}"
+    step 90 block_kernels $PY benchmarks/block_kernels.py "${blocks[@]}" --dtype bf16
+    step 200 planned_1b $PY -m engine.train --config $big --steps 20 --mesh.auto \
+      --checkpoint.every=0 --checkpoint.final=False --run_dir /tmp/planned_1b "${extra[@]}"
   fi
 } 2>&1 | tee "$OUT/gpu_run${PART:-1}.log"
