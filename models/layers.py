@@ -116,24 +116,41 @@ def _matmuls_fp32_sum(x, ws):
 def _matmuls_fp32_sum_fwd(x, ws):
     # The weight gradients contract the rows: keeping x transposed (one copy for all of ws)
     # gives them [K, N] @ [N, F], a form XLA:CPU's bf16 kernel takes; x itself would be
-    # upcast to fp32 instead. Where XLA sees the transpose next to the matmul (no layer loop
-    # between them) it folds it back, and the matmul runs as before.
-    # Kept as its bits: a layer loop stacks residuals, and XLA:CPU writes one layer's slice
-    # into a 16-bit float stack by converting the whole stack to fp32 and back, every layer;
-    # an integer stack it updates in place (`small` in bf16: 5 % less memory, 1.03-1.09x).
-    bits = jax.lax.bitcast_convert_type(x.T, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
-    return _matmuls_fp32_sum(x, ws), (bits, ws)
+    # upcast to fp32 instead.
+    return _matmuls_fp32_sum(x, ws), (_transposed_bits(x), ws)
 
 
 def _matmuls_fp32_sum_bwd(residuals, gs):
     bits, ws = residuals
-    # The barrier keeps x_t transposed. Without a layer loop between the two passes XLA would
+    # The barrier keeps x_t transposed: without a layer loop between the two passes XLA would
     # fold the transpose into the matmul, and XLA:CPU (jax 0.10) has no kernel for a 16-bit
-    # matmul that contracts rows into fp32: the step fails ("DotThunk ... BF16 x BF16 = F32").
-    x_t = jax.lax.optimization_barrier(jax.lax.bitcast_convert_type(bits, gs[0].dtype))
+    # matmul that contracts rows into fp32 (the step failed: "DotThunk ... BF16 x BF16 = F32").
+    x_t = jax.lax.optimization_barrier(_from_bits(bits, gs[0].dtype))  # the outputs' dtype is x's
     dx = sum(_fp32_sum(g, w, _COLS) for g, w in zip(gs, ws, strict=True))
     dws = tuple(_fp32_sum(x_t, g, _ROWS).astype(w.dtype) for g, w in zip(gs, ws, strict=True))
     return dx.astype(x_t.dtype), dws
+
+
+def _transposed_bits(x):
+    """x.T [K, N] as unsigned integers, two values to a word of twice x's width where N is even.
+    - As bits: a layer loop stacks residuals, and XLA:CPU writes one layer's slice into a 16-bit
+      float stack by converting the whole stack to fp32 and back, every layer; an integer
+      stack it updates in place (`small` in bf16: 5 % less memory, 1.03-1.09x).
+    - In pairs: XLA may otherwise keep x.T as x in a column-major layout (where no loop or
+      call boundary asks for rows), and the weight gradient then upcasts both operands to fp32.
+      Pairs along N need N contiguous: x.T is written out in rows."""
+    x_t = x.T
+    width = 8 * x.dtype.itemsize
+    if x_t.shape[1] % 2:
+        return jax.lax.bitcast_convert_type(x_t, jnp.dtype(f"uint{width}"))
+    pairs = x_t.reshape(x_t.shape[0], -1, 2)
+    return jax.lax.bitcast_convert_type(pairs, jnp.dtype(f"uint{2 * width}"))
+
+
+def _from_bits(bits, dtype):
+    """Inverse of `_transposed_bits`: x.T [K, N] in `dtype`."""
+    x_t = jax.lax.bitcast_convert_type(bits, dtype)  # [K, N / 2, 2] from pairs
+    return x_t.reshape(x_t.shape[0], -1)
 
 
 _matmuls_fp32_sum.defvjp(_matmuls_fp32_sum_fwd, _matmuls_fp32_sum_bwd)
