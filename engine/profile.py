@@ -35,7 +35,7 @@ def latest_trace(log_dir: str) -> str | None:
 
 def _leaves(line) -> list:
     """The line's events that contain no other (a while loop's body ops, not the loop). Events
-    that only overlap all count: on a Hopper GPU a kernel starts while the one before drains."""
+    that only overlap all count: GPU kernels may start before the one ahead of them ends."""
     events = sorted(
         (e for e in line.events if e.duration_ns > 0 and not e.name.startswith(_MARKERS)),
         key=lambda e: (e.start_ns, -e.duration_ns),
