@@ -15,9 +15,6 @@ Pieces, each as one jitted gradient (JAX) or one forward + backward (PyTorch, ea
              `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`.
 Variants alternate in rounds; prints the median ms of each and each JAX form's ratio to torch.
 --dtype bf16 runs every piece on bf16 inputs and weights (torch too), as a bf16 policy's layers do.
-On a CPU the engine's SwiGLU is then slower here than in a training step: with no layer loop
-between them, XLA folds `dense`'s transposed input back into the weight gradients' matmuls and
-runs those in fp32 (Eigen) instead of its bf16 kernel.
 JAX runs on its default device, torch on the CPU: on a GPU, compare the two JAX forms.
 """
 
