@@ -29,6 +29,11 @@ step and PyTorch's together ran out of its 80 GB), and on a CPU their thread poo
 other (`small` in bf16 on 2 cores, one process against a process each: shardtrain 208 against
 264 tokens/s, torch eager 351 against 405). `--isolate no` times them in one process. Any
 `engine.train` flag applies; `--model.attention` is `auto`, so cuDNN's kernel on a GPU in bf16.
+
+`--phases` says where a gap is: each variant's forward (the loss alone), forward + backward
+(the gradients, not applied) and whole step, timed apart in the same rounds, in ms per step,
+with the backward as their difference. On our side the first two are `jax.jit`s of the step's
+own loss function (engine.step); the gradient alone returns fresh buffers the step reuses.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -51,6 +57,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -58,7 +65,9 @@ from flax import nnx  # noqa: E402
 
 from engine.config import Config, parse_args  # noqa: E402
 from engine.hf import save_params  # noqa: E402
+from engine.precision import POLICIES  # noqa: E402
 from engine.setup import Run, setup  # noqa: E402
+from engine.step import make_loss_fn  # noqa: E402
 
 
 def torch_twin(run: Run, device: str = "cpu", checkpointing: str = "auto"):
@@ -94,21 +103,31 @@ def torch_twin(run: Run, device: str = "cpu", checkpointing: str = "auto"):
     return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def torch_step_fn(model, optimizer, scheduler, cfg: Config):
-    """One training step on a batch of torch tensors; returns the loss (a 0-d tensor)."""
+def torch_loss_fn(model, cfg: Config):
+    """The mean loss over counted tokens of a batch of torch tensors, in `cfg`'s precision."""
     autocast = (
         torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16)
         if cfg.precision == "bf16"
         else contextlib.nullcontext()
     )
 
-    def step(inputs, targets, mask):
+    def loss_fn(inputs, targets, mask):
         with autocast:
             logits = model(input_ids=inputs).logits
         losses = torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten(), reduction="none"
         )
-        loss = (losses * mask.flatten()).sum() / mask.sum()
+        return (losses * mask.flatten()).sum() / mask.sum()
+
+    return loss_fn
+
+
+def torch_step_fn(model, optimizer, scheduler, cfg: Config):
+    """One training step on a batch of torch tensors; returns the loss (a 0-d tensor)."""
+    loss_fn = torch_loss_fn(model, cfg)
+
+    def step(inputs, targets, mask):
+        loss = loss_fn(inputs, targets, mask)
         loss.backward()
         if cfg.optim.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
@@ -142,79 +161,140 @@ def first_losses(
 
 
 VARIANTS = ("shardtrain", "torch eager", "torch.compile")
-RATES = "rates: "  # how a variant's own process reports its tokens/s
+PHASES = ("forward", "forward+backward", "step")
+TIMES = "times: "  # how a variant's own process reports its seconds per step of each phase
 
 
-def make_variant(name: str, run: Run, batches: list, device: str, checkpointing: str = "auto"):
-    """A function that trains `name` for n steps on `batches` (cycled) and waits for the device."""
+def _rounds(fn, batches: list, wait):
+    """A function that calls `fn` on n of `batches` (cycled), waits for the last result and
+    returns it as a float."""
+
+    def run_n(n):
+        for i in range(n):
+            out = fn(*batches[i % len(batches)])
+        return wait(out)
+
+    return run_n
+
+
+def make_variant(
+    name: str, run: Run, batches: list, device: str, checkpointing: str = "auto",
+    phases: tuple[str, ...] = ("step",),
+) -> dict:  # fmt: skip
+    """For each of `phases` a function that runs `name`'s phase n times on `batches` and waits
+    for the device, returning the last loss: `forward` (the loss alone), `forward+backward`
+    (the loss and the gradients, not applied), `step` (a whole train step)."""
     if name == "shardtrain":
-        on_device = [run.put_batch(b) for b in batches]
-        state = run.state
+        on_device = [(run.put_batch(b),) for b in batches]
+        state = run.state  # the step donates it: the other phases read a copy
+        params = jax.tree.map(jnp.copy, state.params) if set(phases) - {"step"} else None
+        loss_fn = make_loss_fn(run.graphdef, POLICIES[run.cfg.precision], run.plan.loss_chunks)
 
-        def shardtrain_round(n):
+        def mean_loss(params, batch):
+            loss_sum, count, _ = loss_fn(params, batch)
+            return loss_sum / count
+
+        def step(batch):
             nonlocal state
-            for i in range(n):
-                state, metrics = run.train_step(state, on_device[i % len(on_device)])
-            jax.block_until_ready(metrics["loss"])
+            state, metrics = run.train_step(state, batch)
+            return metrics["loss"]
 
-        return shardtrain_round
+        # Params as arguments, not closed over (which would compile them in as constants);
+        # the gradients as outputs, or XLA would drop the backward pass.
+        fns = {
+            "forward": functools.partial(jax.jit(mean_loss), params),
+            "forward+backward": functools.partial(jax.jit(jax.value_and_grad(mean_loss)), params),
+            "step": step,
+        }
+
+        def wait(out):  # a loss, or (loss, gradients)
+            jax.block_until_ready(out)
+            return float(out[0] if isinstance(out, tuple) else out)
+
+        return {p: _rounds(fns[p], on_device, wait) for p in phases}
     model, optimizer, scheduler = torch_twin(run, device, checkpointing)
     model = torch.compile(model) if name == "torch.compile" else model
-    step = torch_step_fn(model, optimizer, scheduler, run.cfg)
+    loss_fn = torch_loss_fn(model, run.cfg)
+
+    def forward(*batch):
+        with torch.no_grad():
+            return loss_fn(*batch)
+
+    def forward_backward(*batch):
+        loss = loss_fn(*batch)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    fns = {
+        "forward": forward,
+        "forward+backward": forward_backward,
+        "step": torch_step_fn(model, optimizer, scheduler, run.cfg),
+    }
     torch_batches = [torch_batch(b, device) for b in batches]
-
-    def torch_round(n):
-        for i in range(n):
-            loss = step(*torch_batches[i % len(torch_batches)])
-        float(loss)  # waits for the device
-
-    return torch_round
+    return {p: _rounds(fns[p], torch_batches, lambda loss: float(loss)) for p in phases}
 
 
-def timed(names, cfg: Config, args, device: str) -> dict[str, list[float]]:
-    """Tokens/s of each variant in `names`, built in this process, over alternating rounds."""
+def timed(names, cfg: Config, args, device: str) -> dict[str, dict[str, list[float]]]:
+    """Seconds per step of each phase (`--phases`, else the whole step) of each variant in
+    `names`, built in this process, over alternating rounds."""
     devices = jax.devices()[:1]
     if "shardtrain" not in names:  # only the initial weights are needed: keep them off the GPU
         cfg, devices = cfg.replace(model={"attention": "xla"}), jax.devices("cpu")[:1]
     run = setup(cfg, devices)
     batches = [run.task.train_batch(i) for i in range(args.steps_per_round)]
+    phases = PHASES if args.phases else ("step",)
     variants = {
-        name: make_variant(name, run, batches, device, args.torch_checkpointing) for name in names
+        name: make_variant(name, run, batches, device, args.torch_checkpointing, phases)
+        for name in names
     }
-    tokens = cfg.batch_size * cfg.data.seq_len
-    for name, fn in variants.items():
+    for name, fns in variants.items():
         start = time.perf_counter()
-        fn(args.warmup)
+        for fn in fns.values():
+            fn(args.warmup)
         print(f"warm-up {name}: {time.perf_counter() - start:.1f}s (compiles included)")
-    rates = {name: [] for name in variants}
+    seconds = {name: {phase: [] for phase in phases} for name in variants}
+    tokens = cfg.batch_size * cfg.data.seq_len
     for r in range(args.rounds):
         line = []
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn(args.steps_per_round)
-            rates[name].append(tokens * args.steps_per_round / (time.perf_counter() - start))
-            line.append(f"{name} {rates[name][-1]:,.0f}")
-        print(f"round {r + 1}: " + " | ".join(line) + " tokens/s")
-    return rates
+        for name, fns in variants.items():
+            for phase, fn in fns.items():
+                start = time.perf_counter()
+                fn(args.steps_per_round)
+                seconds[name][phase].append((time.perf_counter() - start) / args.steps_per_round)
+            line.append(f"{name} {_show({p: s[-1] for p, s in seconds[name].items()}, tokens)}")
+        print(f"round {r + 1}: " + " | ".join(line))
+    return seconds
 
 
-def isolated(names, args, argv: list[str]) -> dict[str, list[float]]:
-    """Each variant in a process of its own, the processes alternating for `--cycles` cycles:
-    two frameworks' allocators (and `1b`'s optimizer states) do not share one GPU."""
-    rates = {name: [] for name in names}
+def _show(seconds: dict[str, float], tokens: int) -> str:
+    """A whole step as tokens/s; phases as ms per step each, in PHASES' order."""
+    if list(seconds) == ["step"]:
+        return f"{tokens / seconds['step']:,.0f} tokens/s"
+    return " / ".join(f"{s * 1e3:,.1f}" for s in seconds.values()) + " ms"
+
+
+def isolated(names, cfg: Config, args, argv: list[str]) -> dict[str, dict[str, list[float]]]:
+    """`timed`, with each variant in a process of its own, the processes alternating for
+    `--cycles` cycles: two frameworks' allocators (and `1b`'s optimizer states) do not share
+    one GPU."""
+    seconds = {name: {} for name in names}
+    tokens = cfg.batch_size * cfg.data.seq_len
     for cycle in range(args.cycles):
         for name in names:
             command = [sys.executable, __file__, *argv, "--variant", name]
             done = subprocess.run(command, capture_output=True, text=True)
             lines = done.stdout.splitlines()
-            found = [json.loads(x.removeprefix(RATES)) for x in lines if x.startswith(RATES)]
+            found = [json.loads(x.removeprefix(TIMES)) for x in lines if x.startswith(TIMES)]
             if done.returncode or not found:
                 tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
                 raise SystemExit(f"error: {name} failed (rc {done.returncode}): {' / '.join(tail)}")
-            rates[name] += found[0]
-            rounds = ", ".join(f"{x:,.0f}" for x in found[0])
-            print(f"cycle {cycle + 1}, {name} (own process): {rounds} tokens/s")
-    return rates
+            for phase, times in found[0].items():
+                seconds[name].setdefault(phase, []).extend(times)
+            rounds = zip(*found[0].values(), strict=True)
+            shown = ", ".join(_show(dict(zip(found[0], r, strict=True)), tokens) for r in rounds)
+            print(f"cycle {cycle + 1}, {name} (own process): {shown}")
+    return seconds
 
 
 def equivalent(cfg: Config, device: str) -> bool:
@@ -252,13 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch_checkpointing", choices=("auto", "yes", "no"), default="auto",
                         help="HF gradient checkpointing (whole layers); auto: where --model.remat "
                         "is set")  # fmt: skip
+    parser.add_argument("--phases", action="store_true",
+                        help="time the forward, forward + backward and step apart")  # fmt: skip
     parser.add_argument("--variant", choices=(*VARIANTS, "check"), help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     cfg = parse_args(["--config", "default", *rest] if "--config" not in rest else rest)
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count() or 1)
     if args.variant in VARIANTS:
-        print(RATES + json.dumps(timed([args.variant], cfg, args, device)[args.variant]))
+        print(TIMES + json.dumps(timed([args.variant], cfg, args, device)[args.variant]))
         return 0
 
     if args.variant == "check":
@@ -279,14 +361,27 @@ def main(argv: list[str] | None = None) -> int:
           f"jax {jax.__version__}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, {torch.get_num_threads()} torch threads | "
           + ("a process per variant" if separate else "one process"))  # fmt: skip
-    if separate:
-        rates = isolated(names, args, argv)
-    else:
-        rates = timed(names, cfg, args, device)
-    medians = {name: statistics.median(v) for name, v in rates.items()}
-    print("median tokens/s: " + " | ".join(f"{k} {v:,.0f}" for k, v in medians.items()))
+    seconds = isolated(names, cfg, args, argv) if separate else timed(names, cfg, args, device)
+    median = {n: {p: statistics.median(t) for p, t in by.items()} for n, by in seconds.items()}
+    if not args.phases:
+        tokens = cfg.batch_size * cfg.data.seq_len
+        print("median tokens/s: " + " | ".join(f"{n} {tokens / m['step']:,.0f}"
+                                               for n, m in median.items()))  # fmt: skip
+        for name in names[1:]:
+            print(f"ratio shardtrain / {name}: "
+                  f"{median[name]['step'] / median['shardtrain']['step']:.2f}")  # fmt: skip
+        return 0
+    # The backward alone as the difference; the step adds the optimizer to forward + backward
+    # but reuses buffers the gradient alone allocates afresh, so it may take less.
+    for by in median.values():
+        by["backward"] = by["forward+backward"] - by["forward"]
+    columns = ("forward", "backward", "forward+backward", "step")
+    print(f"{'median ms per step':20s}" + "".join(f"{c:>18s}" for c in columns))
+    for name, by in median.items():
+        print(f"{name:20s}" + "".join(f"{by[c] * 1e3:18,.1f}" for c in columns))
     for name in names[1:]:
-        print(f"ratio shardtrain / {name}: {medians['shardtrain'] / medians[name]:.2f}")
+        ratios = [median[name][c] / median["shardtrain"][c] for c in columns]
+        print(f"{'shardtrain / ' + name:20s}" + "".join(f"{r:17.2f}x" for r in ratios))
     return 0
 
 
