@@ -186,26 +186,28 @@ def make_variant(
     (the loss and the gradients, not applied), `step` (a whole train step)."""
     if name == "shardtrain":
         on_device = [(run.put_batch(b),) for b in batches]
-        state = run.state  # the step donates it: the other phases read a copy
-        params = jax.tree.map(jnp.copy, state.params) if set(phases) - {"step"} else None
-        loss_fn = make_loss_fn(run.graphdef, POLICIES[run.cfg.precision], run.plan.loss_chunks)
-
-        def mean_loss(params, batch):
-            loss_sum, count, _ = loss_fn(params, batch)
-            return loss_sum / count
+        state = run.state
 
         def step(batch):
             nonlocal state
             state, metrics = run.train_step(state, batch)
             return metrics["loss"]
 
-        # Params as arguments, not closed over (which would compile them in as constants);
-        # the gradients as outputs, or XLA would drop the backward pass.
-        fns = {
-            "forward": functools.partial(jax.jit(mean_loss), params),
-            "forward+backward": functools.partial(jax.jit(jax.value_and_grad(mean_loss)), params),
-            "step": step,
-        }
+        fns = {"step": step}
+        if set(phases) - {"step"}:
+            params = jax.tree.map(jnp.copy, state.params)  # the step donates the state's
+            loss_fn = make_loss_fn(run.graphdef, POLICIES[run.cfg.precision], run.plan.loss_chunks)
+
+            def mean_loss(params, batch):
+                loss_sum, count, _ = loss_fn(params, batch)
+                return loss_sum / count
+
+            # Params as arguments, not closed over (which would compile them in as constants);
+            # the gradients as outputs, or XLA would drop the backward pass.
+            fns["forward"] = functools.partial(jax.jit(mean_loss), params)
+            fns["forward+backward"] = functools.partial(
+                jax.jit(jax.value_and_grad(mean_loss)), params
+            )
 
         def wait(out):  # a loss, or (loss, gradients)
             jax.block_until_ready(out)
@@ -232,7 +234,7 @@ def make_variant(
         "step": torch_step_fn(model, optimizer, scheduler, run.cfg),
     }
     torch_batches = [torch_batch(b, device) for b in batches]
-    return {p: _rounds(fns[p], torch_batches, lambda loss: float(loss)) for p in phases}
+    return {p: _rounds(fns[p], torch_batches, float) for p in phases}
 
 
 def timed(names, cfg: Config, args, device: str) -> dict[str, dict[str, list[float]]]:
@@ -254,7 +256,6 @@ def timed(names, cfg: Config, args, device: str) -> dict[str, dict[str, list[flo
             fn(args.warmup)
         print(f"warm-up {name}: {time.perf_counter() - start:.1f}s (compiles included)")
     seconds = {name: {phase: [] for phase in phases} for name in variants}
-    tokens = cfg.batch_size * cfg.data.seq_len
     for r in range(args.rounds):
         line = []
         for name, fns in variants.items():
@@ -262,15 +263,15 @@ def timed(names, cfg: Config, args, device: str) -> dict[str, dict[str, list[flo
                 start = time.perf_counter()
                 fn(args.steps_per_round)
                 seconds[name][phase].append((time.perf_counter() - start) / args.steps_per_round)
-            line.append(f"{name} {_show({p: s[-1] for p, s in seconds[name].items()}, tokens)}")
+            line.append(f"{name} {_show({p: s[-1] for p, s in seconds[name].items()}, cfg)}")
         print(f"round {r + 1}: " + " | ".join(line))
     return seconds
 
 
-def _show(seconds: dict[str, float], tokens: int) -> str:
+def _show(seconds: dict[str, float], cfg: Config) -> str:
     """A whole step as tokens/s; phases as ms per step each, in PHASES' order."""
     if list(seconds) == ["step"]:
-        return f"{tokens / seconds['step']:,.0f} tokens/s"
+        return f"{cfg.batch_size * cfg.data.seq_len / seconds['step']:,.0f} tokens/s"
     return " / ".join(f"{s * 1e3:,.1f}" for s in seconds.values()) + " ms"
 
 
@@ -279,7 +280,6 @@ def isolated(names, cfg: Config, args, argv: list[str]) -> dict[str, dict[str, l
     `--cycles` cycles: two frameworks' allocators (and `1b`'s optimizer states) do not share
     one GPU."""
     seconds = {name: {} for name in names}
-    tokens = cfg.batch_size * cfg.data.seq_len
     for cycle in range(args.cycles):
         for name in names:
             command = [sys.executable, __file__, *argv, "--variant", name]
@@ -292,7 +292,7 @@ def isolated(names, cfg: Config, args, argv: list[str]) -> dict[str, dict[str, l
             for phase, times in found[0].items():
                 seconds[name].setdefault(phase, []).extend(times)
             rounds = zip(*found[0].values(), strict=True)
-            shown = ", ".join(_show(dict(zip(found[0], r, strict=True)), tokens) for r in rounds)
+            shown = ", ".join(_show(dict(zip(found[0], r, strict=True)), cfg) for r in rounds)
             print(f"cycle {cycle + 1}, {name} (own process): {shown}")
     return seconds
 
