@@ -29,6 +29,8 @@ step and PyTorch's together ran out of its 80 GB), and on a CPU their thread poo
 other (`small` in bf16 on 2 cores, one process against a process each: shardtrain 208 against
 264 tokens/s, torch eager 351 against 405). `--isolate no` times them in one process. Any
 `engine.train` flag applies; `--model.attention` is `auto`, so cuDNN's kernel on a GPU in bf16.
+Importing the engine sets glibc's malloc for a CPU (engine.hostmem); the torch variants' processes
+keep glibc's own settings, as PyTorch runs, unless `--torch_host_memory engine`.
 
 `--phases` says where a gap is: each variant's forward (the loss alone), forward + backward
 (the gradients, not applied) and whole step, timed apart in the same rounds, in ms per step,
@@ -283,7 +285,10 @@ def isolated(names, cfg: Config, args, argv: list[str]) -> dict[str, dict[str, l
     for cycle in range(args.cycles):
         for name in names:
             command = [sys.executable, __file__, *argv, "--variant", name]
-            done = subprocess.run(command, capture_output=True, text=True)
+            env = dict(os.environ)
+            if name != "shardtrain" and args.torch_host_memory == "glibc":
+                env["SHARDTRAIN_KEEP_HOST_MEMORY"] = "0"  # importing the engine sets none
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
             lines = done.stdout.splitlines()
             found = [json.loads(x.removeprefix(TIMES)) for x in lines if x.startswith(TIMES)]
             if done.returncode or not found:
@@ -332,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch_checkpointing", choices=("auto", "yes", "no"), default="auto",
                         help="HF gradient checkpointing (whole layers); auto: where --model.remat "
                         "is set")  # fmt: skip
+    parser.add_argument("--torch_host_memory", choices=("glibc", "engine"), default="glibc",
+                        help="with --isolate: the torch variants' malloc settings, glibc's own "
+                        "(as PyTorch runs) or the engine's (engine.hostmem)")  # fmt: skip
     parser.add_argument("--phases", action="store_true",
                         help="time the forward, forward + backward and step apart")  # fmt: skip
     parser.add_argument("--variant", choices=(*VARIANTS, "check"), help=argparse.SUPPRESS)

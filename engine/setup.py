@@ -3,9 +3,7 @@ once-compiled train and eval steps. The loop that drives them is engine.trainer.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -20,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from engine.config import Config, ConfigError
 from engine.data import TASKS, batch_shapes, make_task
 from engine.family import build_model, model_arch, model_family
+from engine.hostmem import prepare_cpu
 from engine.optim import hyperparams, make_optimizer
 from engine.plan import Plan, violations
 from engine.precision import POLICIES, LossScale
@@ -130,21 +129,6 @@ class StepCache:
         self.compiles += 1
 
 
-@functools.cache
-def keep_host_memory() -> bool:
-    """Ask glibc to serve large blocks from its heap and keep what is freed (no mmap/munmap per
-    block, no trimming). XLA:CPU allocates each step's temporaries afresh (about 300 MB for
-    `default`) and unmaps them after the step returns, so the next step waits on the unmap
-    and faults in fresh pages: `default` ran 8-15 % slower back to back than after a pause.
-    Process-wide and once; the price is that memory stays with the process at its peak."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        return False
-
-
 def setup(
     cfg: Config,
     devices: list[jax.Device] | None = None,
@@ -164,8 +148,8 @@ def setup(
     compile and read `memory_analysis()` for models that would not fit here.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if devices[0].platform == "cpu":
-        keep_host_memory()
+    if devices[0].platform == "cpu" and (warning := prepare_cpu()):
+        print(f"warning: {warning}", file=sys.stderr)
     plan = (plan or Plan.from_config(cfg)).on(cfg, devices[0].platform)
     key = StepCache.key(cfg, plan, devices) if cache is not None else ""
     compiled = cache.get(key) if cache is not None else None

@@ -4,8 +4,12 @@ values, every fault of a plan at once, and bits per byte for any tokenizer."""
 import dataclasses
 import json
 import math
+import os
 import platform
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +21,7 @@ from conftest import cli
 from engine.config import CheckpointConfig, ConfigError, DataConfig
 from engine.optim import OptimConfig
 from engine.plan import Plan, violations
-from engine.setup import keep_host_memory, setup
+from engine.setup import setup
 from engine.trainer import Callback, Trainer, evaluate, train
 from models.layers import FEED_FORWARD, SwiGLU
 from sharding import AXES, MeshAxis, MeshConfig, default_rules
@@ -391,10 +395,41 @@ def test_the_runtime_schedule_is_optaxs_bit_for_bit(optim, steps):
     np.testing.assert_array_equal(got, jax.jit(jax.vmap(schedule))(steps_))
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
-def test_a_cpu_run_keeps_large_host_blocks_in_the_heap(tiny):
-    """setup() on a CPU asks glibc once for no per-block mmap and no trimming (engine.setup:
-    XLA:CPU's per-step temporaries otherwise cost 8-15 % of a `default` step)."""
-    keep_host_memory.cache_clear()
-    setup(tiny(), init=False)
-    assert keep_host_memory.cache_info().currsize == 1 and keep_host_memory() is True
+# A fresh process: JAX started or not, then a computation on all 8 devices (each device's
+# thread allocates from its arena), then setup() on the CPU.
+ARENA_PROBE = """
+import sys
+if sys.argv[1] == "jax_first":
+    import jax; jax.devices()
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+from conftest import tiny_config
+from engine.hostmem import arenas
+from engine.setup import setup
+mesh = jax.make_mesh((8,), ("d",))
+x = jax.device_put(jnp.ones((8 * 256, 512)), NamedSharding(mesh, PartitionSpec("d")))
+jax.jit(lambda x: jnp.sin(x * 2).sum(axis=1))(x).block_until_ready()
+setup(tiny_config(sys.argv[2]), init=False)
+print("arenas", arenas())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
+@pytest.mark.parametrize("case", ["engine_first", "jax_first", "switched_off"])
+def test_xla_cpu_threads_share_one_malloc_arena_when_the_engine_is_imported_first(case, tmp_path):
+    """engine.hostmem: with one arena (and mmap off) XLA:CPU's per-step temporaries stay in the
+    heap (`default` 15-22 % faster a step). Too late, setup says so; switched off, glibc is left
+    as it is and nothing is said."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    env["SHARDTRAIN_KEEP_HOST_MEMORY"] = "0" if case == "switched_off" else "1"
+    done = subprocess.run(
+        [sys.executable, "-c", ARENA_PROBE, case, str(tmp_path)],
+        env=env, cwd=Path(__file__).parent, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    arenas = int(done.stdout.split()[-1])
+    assert (arenas == 1) == (case == "engine_first"), (case, arenas)
+    warned = "malloc arenas" in done.stderr
+    assert warned == (case == "jax_first"), done.stderr
+    if warned:
+        assert f"this process has {arenas} malloc arenas" in done.stderr
+        assert "MALLOC_ARENA_MAX=1" in done.stderr
