@@ -148,7 +148,7 @@ def setup(
     compile and read `memory_analysis()` for models that would not fit here.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if devices[0].platform == "cpu" and (warning := prepare_cpu()):
+    if devices[0].platform == "cpu" and (warning := prepare_cpu(len(devices))):
         print(f"warning: {warning}", file=sys.stderr)
     plan = (plan or Plan.from_config(cfg)).on(cfg, devices[0].platform)
     key = StepCache.key(cfg, plan, devices) if cache is not None else ""

@@ -12,9 +12,6 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS, "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One malloc arena (engine.hostmem) for the processes this one starts: xdist's workers and the
-# notebooks' kernels run threads of their own before they import the engine.
-os.environ.setdefault("MALLOC_ARENA_MAX", "1")
 # One persistent compilation cache for the whole suite, in-process and CLI runs alike (the
 # command line's default --compile_cache yields to this variable): many tests compile the same
 # reference run again. In-process JAX writes only programs that took a second or more to
