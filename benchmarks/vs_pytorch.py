@@ -29,8 +29,9 @@ step and PyTorch's together ran out of its 80 GB), and on a CPU their thread poo
 other (`small` in bf16 on 2 cores, one process against a process each: shardtrain 208 against
 264 tokens/s, torch eager 351 against 405). `--isolate no` times them in one process. Any
 `engine.train` flag applies; `--model.attention` is `auto`, so cuDNN's kernel on a GPU in bf16.
-Importing the engine sets glibc's malloc for a CPU (engine.hostmem); the torch variants' processes
-keep glibc's own settings, as PyTorch runs, unless `--torch_host_memory engine`.
+Importing the engine sets glibc's malloc for one CPU device (engine.hostmem); the torch
+variants' processes keep glibc's own settings, as PyTorch runs, unless `--torch_host_memory
+engine`.
 
 `--phases` says where a gap is: each variant's forward (the loss alone), forward + backward
 (the gradients, not applied) and whole step, timed apart in the same rounds, in ms per step,

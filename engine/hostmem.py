@@ -65,7 +65,8 @@ def one_cpu_device_ahead() -> bool:
     if bridge is not None and getattr(bridge, "backends_are_initialized", lambda: True)():
         return False  # its threads have their arenas already (or we cannot tell)
     jax = sys.modules.get("jax")
-    platforms = (jax.config.jax_platforms if jax else None) or os.environ.get("JAX_PLATFORMS")
+    configured = getattr(jax.config, "jax_platforms", None) if jax else None
+    platforms = configured or os.environ.get("JAX_PLATFORMS")
     if platforms:
         on_cpu = platforms.split(",")[0].strip() == "cpu"
     else:
