@@ -199,7 +199,10 @@ def make_variant(
         fns = {"step": step}
         if set(phases) - {"step"}:
             params = jax.tree.map(jnp.copy, state.params)  # the step donates the state's
-            loss_fn = make_loss_fn(run.graphdef, POLICIES[run.cfg.precision], run.plan.loss_chunks)
+            loss_fn = make_loss_fn(
+                run.graphdef, POLICIES[run.cfg.precision], run.plan.loss_chunks,
+                load_balance=run.plan.context_load_balance,  # as engine.setup builds the step's
+            )  # fmt: skip
 
             def mean_loss(params, batch):
                 loss_sum, count, _ = loss_fn(params, batch)

@@ -35,14 +35,24 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
 
 
 @functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    if os.environ.get("SHARDTRAIN_KEEP_HOST_MEMORY", "1") == "0":
-        return None
+def _libc() -> ctypes.CDLL | None:
+    """glibc, with the signatures used here; None elsewhere (macOS, musl)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not Linux
         return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_info") else None  # musl
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_info")):
+        return None  # musl
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    return libc
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, unless SHARDTRAIN_KEEP_HOST_MEMORY=0 says to leave it as it is."""
+    return None if os.environ.get("SHARDTRAIN_KEEP_HOST_MEMORY", "1") == "0" else _libc()
 
 
 def _cpu_devices(jax) -> int:
@@ -113,13 +123,8 @@ def prepare_cpu(devices: int) -> str | None:
 
 def arenas() -> int | None:
     """How many malloc arenas the process has (glibc's malloc_info), None without glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.fopen.restype = ctypes.c_void_p
-        libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-        libc.fclose.argtypes = [ctypes.c_void_p]
-        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return None
     with tempfile.NamedTemporaryFile("r", suffix=".xml") as f:
         stream = libc.fopen(f.name.encode(), b"w")
