@@ -373,7 +373,10 @@ class Llama(nnx.Module):
     def _embed(self, tokens):
         # Gather whole rows: a lookup into a table split along `embed` reshards badly.
         table = constrain(self.embed[...], ("vocab", None))
-        return constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
+        # Through fp32 (exact, and a no-op in fp32): the backward's scatter-add then sums a
+        # token's repeats in fp32, where bf16 loses them and XLA:GPU retries bf16 atomics.
+        rows = jnp.take(table.astype(jnp.float32), tokens, axis=0).astype(table.dtype)
+        return constrain(rows, ("batch", "length", "embed"))
 
     def logits(self, x):
         x = self.final_norm(x)
