@@ -54,10 +54,9 @@ keep_trace() {  # keep_trace DIR NAME: the newest trace under DIR comes back as 
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 || true
   if [[ ${PART:-1} == 1 ]]; then
-    # `small` and `1b` now unroll their layers (1.35x and 1.09x in the last sweep): against
-    # PyTorch again, after a profile that checks the summary's fixed kernel count (busy was
-    # 27 % of a step, with kernels missing). Two runs with --model.scan_unroll=0 printed
-    # nothing in 190 and 250 s last time; a hang now prints its stacks.
+    # The embedding's gradient now sums in fp32: the profile says whether its scatter left
+    # the top of the list (26.3 of 75.1 ms on an H200 in bf16), then `small` and `1b`
+    # against PyTorch (the fp32 check no longer compiles the unrolled layers for minutes).
     step 60 profile_small $PY benchmarks/mfu.py --config $mid --mesh.data=1 --steps $steps \
       --profile /tmp/profile_small "${extra[@]}"
     keep_trace /tmp/profile_small profile_small
