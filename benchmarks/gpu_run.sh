@@ -4,8 +4,8 @@
 # step's output lands in $OUT/gpu_run$PART.log as it runs. Run benchmarks/gpu_wheels.sh here first,
 # then, through the device tool with carry [".whl"]:
 #   bash benchmarks/gpu_run.sh
-# PART=2 runs the rest. Each part takes at most 9 minutes: a session's lease is 15 minutes with
-# the machine's start, so one part a session, in order. A CPU rehearsal at toy sizes:
+# PART=2 and PART=3 run the rest. Each part takes at most 9 minutes: a session's lease is 15
+# minutes with the machine's start, so one part a session, in order. A CPU rehearsal at toy sizes:
 # SMOKE=1 [PART=2] bash benchmarks/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,26 +53,32 @@ keep_trace() {  # keep_trace DIR NAME: the newest trace under DIR comes back as 
 'flax', flax.__version__, 'orbax', o.__version__, jax.devices())"
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 || true
-  if [[ ${PART:-1} == 1 ]]; then
+  case ${PART:-1} in
+  1)
     # The embedding's gradient now sums in fp32: the profile says whether its scatter left
-    # the top of the list (26.3 of 75.1 ms on an H200 in bf16), then `small` and `1b`
-    # against PyTorch (the fp32 check no longer compiles the unrolled layers for minutes).
+    # the top of the list (26.3 of 75.1 ms on an H200 in bf16); `1b`'s MFU against the 60 %
+    # goal (its 128k x 2048 table had the same scatter); then `small` against PyTorch.
     step 60 profile_small $PY benchmarks/mfu.py --config $mid --mesh.data=1 --steps $steps \
       --profile /tmp/profile_small "${extra[@]}"
     keep_trace /tmp/profile_small profile_small
-    step 230 vs_pytorch_small $PY benchmarks/vs_pytorch.py --config $mid --precision bf16 \
+    step 150 mfu_1b $PY benchmarks/mfu.py --config $big --mesh.data=1 --steps $steps "${extra[@]}"
+    step 270 vs_pytorch_small $PY benchmarks/vs_pytorch.py --config $mid --precision bf16 \
       --rounds 3 --cycles 1 "${extra[@]}"
+    ;;
+  2)
     # HF gradient checkpointing on the torch side, as our dots_no_batch remat (without it
-    # torch's eager step ran out of memory).
+    # torch's eager step ran out of memory); the planner's pick for `1b` against the
+    # configured plan; the two attention and SwiGLU forms at `small`'s shapes.
     step 230 vs_pytorch_1b $PY benchmarks/vs_pytorch.py --config $big --rounds 2 \
       --steps_per_round 3 --warmup 2 --cycles 1 "${extra[@]}"
-  else
-    # Checkpoint writes from a GPU host (its default 3 GB state: `1b`'s 20 GB, saved twice a
-    # round beside a raw copy, would fill the machine's 64 GB disk); the two attention and
-    # SwiGLU forms at `small`'s shapes; the planner's pick for `1b` against the configured plan.
-    step 200 checkpoint_io $PY benchmarks/checkpoint_io.py --rounds 2 "${extra[@]}"
-    step 90 block_kernels $PY benchmarks/block_kernels.py "${blocks[@]}" --dtype bf16
     step 200 planned_1b $PY -m engine.train --config $big --steps 20 --mesh.auto \
       --checkpoint.every=0 --checkpoint.final=False --run_dir /tmp/planned_1b "${extra[@]}"
-  fi
+    step 90 block_kernels $PY benchmarks/block_kernels.py "${blocks[@]}" --dtype bf16
+    ;;
+  *)
+    # Checkpoint writes from a GPU host (its default 3 GB state: `1b`'s 20 GB, saved twice a
+    # round beside a raw copy, would fill the machine's 64 GB disk).
+    step 200 checkpoint_io $PY benchmarks/checkpoint_io.py --rounds 2 "${extra[@]}"
+    ;;
+  esac
 } 2>&1 | tee "$OUT/gpu_run${PART:-1}.log"
