@@ -57,11 +57,14 @@ transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 || true
   1)
     # The embedding's gradient now sums in fp32: the profile says whether its scatter left
     # the top of the list (26.3 of 75.1 ms on an H200 in bf16); `1b`'s MFU against the 60 %
-    # goal (its 128k x 2048 table had the same scatter); then `small` against PyTorch.
+    # goal (its 128k x 2048 table had the same scatter) and where its step goes; then `small`
+    # against PyTorch.
     step 60 profile_small $PY benchmarks/mfu.py --config $mid --mesh.data=1 --steps $steps \
       --profile /tmp/profile_small "${extra[@]}"
     keep_trace /tmp/profile_small profile_small
-    step 150 mfu_1b $PY benchmarks/mfu.py --config $big --mesh.data=1 --steps $steps "${extra[@]}"
+    step 150 mfu_1b $PY benchmarks/mfu.py --config $big --mesh.data=1 --steps $steps \
+      --profile /tmp/profile_1b "${extra[@]}"
+    keep_trace /tmp/profile_1b profile_1b
     step 270 vs_pytorch_small $PY benchmarks/vs_pytorch.py --config $mid --precision bf16 \
       --rounds 3 --cycles 1 "${extra[@]}"
     ;;
