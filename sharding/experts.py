@@ -123,7 +123,10 @@ def _dropless(tokens, assigned, weights, grouped, num_experts, axis, ep):
     n, d = tokens.shape
     k = assigned.size // n
     order = jnp.argsort(assigned, stable=True)
-    rows = tokens[order // k]
+    # Each token's k copies, then a permutation: the backward sums the copies and scatters
+    # without atomics (`tokens[order // k]` scatter-adds k rows into each, contended atomics
+    # on a GPU, compare-and-swap loops in bf16).
+    rows = jnp.take(jnp.repeat(tokens, k, axis=0), order, axis=0, unique_indices=True)
     counts = jnp.bincount(assigned, length=num_experts)
     if ep == 1:
         out = grouped(weights, rows, counts)
@@ -146,10 +149,12 @@ def _dropless(tokens, assigned, weights, grouped, num_experts, axis, ep):
             - offset // (n * k) * local
         )
         regroup = jnp.argsort(expert_of.reshape(-1), stable=True)
-        computed = grouped(weights, received.reshape(-1, d)[regroup], received_counts.sum(0))
-        back = jnp.zeros_like(computed).at[regroup].set(computed).reshape(ep, n * k, d)
+        received = jnp.take(received.reshape(-1, d), regroup, axis=0, unique_indices=True)
+        computed = grouped(weights, received, received_counts.sum(0))
+        back = jnp.zeros_like(computed).at[regroup].set(computed, unique_indices=True)
+        back = back.reshape(ep, n * k, d)
         out = jax.lax.all_to_all(back, axis, 0, 0)[peer, slot]
-    return jnp.zeros_like(out).at[order].set(out)
+    return jnp.zeros_like(out).at[order].set(out, unique_indices=True)
 
 
 def _with_capacity(x, experts, gates, weights, batched, num_experts, capacity, axis, ep):
@@ -161,10 +166,11 @@ def _with_capacity(x, experts, gates, weights, batched, num_experts, capacity, a
     position = jnp.sum(jnp.cumsum(one_hot, axis=1) * one_hot, axis=-1) - 1  # [b, k*t]
     kept = position < capacity
     slot = jnp.where(kept, position, capacity)  # out of range: dropped by the scatter
-    token = jnp.tile(jnp.arange(t), k)
     rows = jnp.arange(b)[:, None]
     slots = jnp.zeros((b, num_experts, capacity, d), x.dtype)
-    slots = slots.at[rows, chosen, slot].set(x[rows, token], mode="drop")
+    # Each sequence k times over, choice-major (x[rows, tile(arange(t), k)] without a gather,
+    # whose backward would scatter-add k rows into each token).
+    slots = slots.at[rows, chosen, slot].set(jnp.tile(x, (1, k, 1)), mode="drop")
     slots = slots.swapaxes(0, 1).reshape(num_experts, b * capacity, d)
     if ep == 1:
         out = batched(weights, slots)

@@ -83,6 +83,38 @@ def test_dropless_routing_is_the_mixture_of_each_tokens_top_k(mesh, norm_topk):
     assert float(aux["moe_dropped"]) == 0
 
 
+def _scatters(jaxpr):
+    for eqn in jaxpr.eqns:
+        if "scatter" in eqn.primitive.name:
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _scatters(sub)
+
+
+def test_dropless_gradient_moves_token_rows_without_summing_scatters():
+    """A token's k copies reach the experts by a repeat and a permutation: the backward sums
+    the copies and scatters each row once. A gather of repeated rows would scatter-add k rows
+    into each token (contended atomics on a GPU, compare-and-swap loops in bf16)."""
+    block, h = block_and_input(top_k=2)
+    graphdef, state = nnx.split(block)
+
+    def loss(state, h):
+        return nnx.merge(graphdef, state)(h)[0].sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(state, h).jaxpr
+    rows = [e for e in _scatters(jaxpr) if e.invars[-1].aval.shape[-1] == h.shape[-1]]
+    assert len(rows) >= 2  # the forward's un-permute and the backward's permutation
+    assert [e.primitive.name for e in rows if not e.params["unique_indices"]] == []
+    _, grad_h = jax.grad(loss, argnums=(0, 1))(state, h)
+    eps = 1e-3  # and the gradient is the function's: a central difference along h
+    direction = jax.random.normal(jax.random.key(2), h.shape)
+    numeric = (loss(state, h + eps * direction) - loss(state, h - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(jnp.vdot(grad_h, direction), numeric, rtol=1e-3)
+
+
 def identity_experts(num_experts):
     """Expert e multiplies by e + 1, so the output says which expert a token went through."""
     scale = jnp.arange(1.0, num_experts + 1)
