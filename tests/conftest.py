@@ -86,6 +86,17 @@ def assert_same_hf_tensors(a, b) -> None:
         assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), name
 
 
+def jaxpr_equations(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs inside it (scan, remat, shard_map, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from jaxpr_equations(sub)
+
+
 def torch_logits(model, tokens):
     """A transformers model's fp32 logits for integer `tokens` (numpy)."""
     import torch

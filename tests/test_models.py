@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jaxpr_equations
 from flax import nnx
 
 from engine.config import PRESETS
@@ -144,14 +145,9 @@ def test_document_mask_makes_a_packed_document_see_only_itself():
 
 def _dot_dimensions(jaxpr):
     """dimension_numbers of every dot_general in `jaxpr` and the jaxprs inside it (scan, remat)."""
-    for eqn in jaxpr.eqns:
+    for eqn in jaxpr_equations(jaxpr):
         if eqn.primitive.name == "dot_general":
             yield eqn.params["dimension_numbers"]
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    yield from _dot_dimensions(sub)
 
 
 @pytest.mark.parametrize("mesh", [{"data": 8}, {"context": 2, "data": 4}])

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import jaxpr_equations, tiny_config
 from flax import nnx
 
 from engine.config import ConfigError, ModelConfig, validate
@@ -83,17 +83,6 @@ def test_dropless_routing_is_the_mixture_of_each_tokens_top_k(mesh, norm_topk):
     assert float(aux["moe_dropped"]) == 0
 
 
-def _scatters(jaxpr):
-    for eqn in jaxpr.eqns:
-        if "scatter" in eqn.primitive.name:
-            yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    yield from _scatters(sub)
-
-
 def test_dropless_gradient_moves_token_rows_without_summing_scatters():
     """A token's k copies reach the experts by a repeat and a permutation: the backward sums
     the copies and scatters each row once. A gather of repeated rows would scatter-add k rows
@@ -105,7 +94,10 @@ def test_dropless_gradient_moves_token_rows_without_summing_scatters():
         return nnx.merge(graphdef, state)(h)[0].sum()
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(state, h).jaxpr
-    rows = [e for e in _scatters(jaxpr) if e.invars[-1].aval.shape[-1] == h.shape[-1]]
+    rows = [
+        e for e in jaxpr_equations(jaxpr)
+        if "scatter" in e.primitive.name and e.invars[-1].aval.shape[-1] == h.shape[-1]
+    ]  # fmt: skip
     assert len(rows) >= 2  # the forward's un-permute and the backward's permutation
     assert [e.primitive.name for e in rows if not e.params["unique_indices"]] == []
     _, grad_h = jax.grad(loss, argnums=(0, 1))(state, h)
