@@ -12,6 +12,7 @@ from conftest import jaxpr_equations
 from flax import nnx
 
 from engine.config import PRESETS
+from engine.precision import POLICIES
 from engine.trainer import flops_per_token, setup, train
 from models import LLAMA_PRESETS, Llama
 from models.layers import causal_block_rows, dense, xla_attention
@@ -268,7 +269,7 @@ def test_bf16_embedding_gradient_sums_a_tokens_repeats_in_fp32():
     cotangent = jax.random.normal(jax.random.key(2), (8, 64, LLAMA_PRESETS["tiny"].d_model))
 
     def loss(params):
-        model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
+        model = nnx.merge(graphdef, POLICIES["bf16"].cast_to_compute(params))  # as the step
         return jnp.sum(model._embed(tokens).astype(jnp.float32) * cotangent)
 
     grad = jax.grad(loss)(params)["embed"][...]
