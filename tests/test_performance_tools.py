@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import jax
 from conftest import ROOT, cli_env
 
-from engine.profile import _busy_ns, _leaves, latest_trace
+from engine.profile import _HOST, _busy_ns, _leaves, _table, latest_trace
 from engine.trainer import train
 
 
@@ -42,6 +42,17 @@ def test_ops_inside_a_loop_count_and_the_loop_does_not():
     assert _leaves(SimpleNamespace(events=[event("ThreadpoolListener::Record", 5, 0)])) == []
     # Two streams overlapping: busy is the union, not the sum.
     assert _busy_ns([event("a", 0, 50), event("b", 25, 50), event("c", 200, 10)]) == 85
+
+
+def test_the_host_table_says_eigen_matmuls_are_timed_at_launch_only():
+    events = [event("ynn_fusion.3", 0, 4_000_000), event("dot.12", 4_000_000, 200_000)]
+    lines = _table(_HOST, events, "trace.pb", steps=1, step_s=0.01, top=5)
+    assert lines[2].split()[-1] == "ynn_fusion.3" and lines[3].split()[-1] == "dot.12"
+    assert lines[-1].startswith("note: the host's dot thunks (Eigen matmuls) are timed at")
+    # A fusion merely named after a dot, or a GPU's kernels, get no note.
+    for where, name in ((_HOST, "dot_bitcast_fusion"), ("kernels on /device:GPU:0", "dot.12")):
+        lines = _table(where, [event(name, 0, 10)], "trace.pb", steps=1, step_s=0.01, top=5)
+        assert not lines[-1].startswith("note:")
 
 
 def test_training_writes_a_trace_and_says_where_the_time_went(tiny, capsys):
