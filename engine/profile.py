@@ -124,8 +124,9 @@ def _table(where: str, events, trace_file: str, steps: int, step_s: float, top: 
         )
     if where == _HOST and any(_EIGEN_DOT.match(name) for name in total):
         lines.append(
-            "note: the host's dot thunks (Eigen matmuls) are timed at their launch only, their "
-            "work runs on Eigen's threads in no row (one of 2.1 GFLOP: 1.1 of 12.6 ms)"
+            "note: the host's dot thunks (Eigen matmuls) are timed at their launch only: their "
+            "work runs on Eigen's threads, in neither the rows nor the busy share (a 2.1 GFLOP "
+            "one alone: 1.1 of 12.6 ms)"
         )
     return lines
 
