@@ -28,7 +28,8 @@ _CPU_LINE_PREFIX = "tf_XLA"
 _MARKERS = ("ThreadpoolListener", "end: ")
 _HOST = "XLA thunks on the host"
 # A matmul XLA:CPU hands to Eigen (a weight gradient contracting the token rows, batched
-# attention dots): its thunk returns once Eigen's threads have the work, untraced.
+# attention dots): its thunk returns once Eigen's threads have the work, untraced (a 2.1 GFLOP
+# one alone on 2 cores: a 1.1 ms event in a 12.6 ms call, benchmarks/RESULTS.md 2026-11-27).
 _EIGEN_DOT = re.compile(r"dot(_general)?(\.\d+)?$")
 
 
@@ -125,8 +126,7 @@ def _table(where: str, events, trace_file: str, steps: int, step_s: float, top: 
     if where == _HOST and any(_EIGEN_DOT.match(name) for name in total):
         lines.append(
             "note: the host's dot thunks (Eigen matmuls) are timed at their launch only: their "
-            "work runs on Eigen's threads, in neither the rows nor the busy share (a 2.1 GFLOP "
-            "one alone: 1.1 of 12.6 ms)"
+            "work runs on Eigen's threads, in neither the rows nor the busy share"
         )
     return lines
 
