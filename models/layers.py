@@ -26,8 +26,7 @@ ACTIVATION_NAMES = ("query", "key", "value", "attention", "attn_out", "mlp_hidde
 
 _POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    # `dense`'s results named "dot" count as dots: on XLA:CPU in bf16 they sit behind a custom
-    # gradient.
+    # `dense`'s results named "dot" count as dots: on XLA:CPU they sit behind a custom gradient.
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.checkpoint_dots,
         jax.checkpoint_policies.save_only_these_names("dot"),
@@ -83,65 +82,68 @@ def dense(x, *weights, n_in: int = 1):
 
 
 def _matmuls(x, ws):
-    """x [N, K] @ each of ws [K, F]. In 16 bits on XLA:CPU, summed in fp32 and rounded once,
-    forward and backward: XLA:CPU's bf16 matmul kernel (avx512_bf16) writes fp32 only, so it
-    runs a bf16 -> bf16 matmul in fp32 with both operands upcast first (2.1x slower on 2
-    cores), and autodiff of an fp32 result would feed fp32 cotangents, and fp32 matmuls, to
-    the backward. The rounding is the one a bf16 matmul does. GPUs keep the plain matmul
-    (their kernels already sum in fp32). The results are named for the `dots` remat policies,
-    which cannot see through a custom gradient."""
-    if not _cpu_16_bit(jnp.result_type(x, *ws)):
+    """x [N, K] @ each of ws [K, F]. On XLA:CPU behind a custom gradient, for two reasons:
+    - The weight gradients contract the rows N. XLA:CPU runs x.T @ g from x's row-major layout
+      at about half the speed of the same matmul from x.T written out (99-126 against 179-201
+      GFLOP/s on 2 cores at `default`'s shapes), so the forward keeps x.T, once for all of ws
+      (`default`'s fp32 step 1-4 % faster, benchmarks/RESULTS.md).
+    - In 16 bits, sums in fp32, rounded once, forward and backward: XLA:CPU's bf16 matmul
+      kernel (avx512_bf16) writes fp32 only, so it runs a bf16 -> bf16 matmul in fp32 with both
+      operands upcast first (2.1x slower on 2 cores), and autodiff of an fp32 result would feed
+      fp32 cotangents, and fp32 matmuls, to the backward. The rounding is the one a bf16 matmul
+      does.
+    GPUs keep the plain matmul (their kernels sum in fp32 and take either layout). The results
+    are named for the `dots` remat policies, which cannot see through a custom gradient."""
+    if jax.default_backend() != "cpu":
         return tuple(x @ w for w in ws)
-    return tuple(checkpoint_name(y, "dot") for y in _matmuls_fp32_sum(x, ws))
-
-
-def _cpu_16_bit(dtype) -> bool:
-    """Whether a matmul in `dtype` is one XLA:CPU would run in fp32 with its operands upcast."""
-    return jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize < 4
+    return tuple(checkpoint_name(y, "dot") for y in _matmuls_wide_sum(x, ws))
 
 
 _ROWS = (((1,), (0,)), ((), ()))  # [N, K] x [K, F]: x @ w
 _COLS = (((1,), (1,)), ((), ()))  # [N, F] x [K, F]: g @ w.T
 
 
-def _fp32_sum(a, b, dims):
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+def _wide_sum(a, b, dims):
+    """The matmul summed in fp32 at least (16-bit operands), in the operands' dtype."""
+    wide = jnp.promote_types(a.dtype, jnp.float32)
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=wide)
 
 
 @jax.custom_vjp
-def _matmuls_fp32_sum(x, ws):
-    return tuple(_fp32_sum(x, w, _ROWS).astype(x.dtype) for w in ws)
+def _matmuls_wide_sum(x, ws):
+    return tuple(_wide_sum(x, w, _ROWS).astype(x.dtype) for w in ws)
 
 
-def _matmuls_fp32_sum_fwd(x, ws):
+def _matmuls_wide_sum_fwd(x, ws):
     # The weight gradients contract the rows: keeping x transposed (one copy for all of ws)
-    # gives them [K, N] @ [N, F], a form XLA:CPU's bf16 kernel takes; x itself would be
-    # upcast to fp32 instead.
-    return _matmuls_fp32_sum(x, ws), (_transposed_bits(x), ws)
+    # gives them [K, N] @ [N, F], a form XLA:CPU's kernels take at full speed; in 16 bits x
+    # itself would be upcast to fp32 as well.
+    return _matmuls_wide_sum(x, ws), (_transposed_bits(x), ws)
 
 
-def _matmuls_fp32_sum_bwd(residuals, gs):
+def _matmuls_wide_sum_bwd(residuals, gs):
     bits, ws = residuals
     # The barrier keeps x_t transposed: without a layer loop between the two passes XLA would
-    # fold the transpose into the matmul, and XLA:CPU (jax 0.10) has no kernel for a 16-bit
-    # matmul that contracts rows into fp32 (the step failed: "DotThunk ... BF16 x BF16 = F32").
+    # fold the transpose into the matmul, back to the slow form (and in 16 bits XLA:CPU, jax
+    # 0.10, has no kernel for it at all: "DotThunk ... BF16 x BF16 = F32").
     x_t = jax.lax.optimization_barrier(_from_bits(bits, gs[0].dtype))  # the outputs' dtype is x's
-    dx = sum(_fp32_sum(g, w, _COLS) for g, w in zip(gs, ws, strict=True))
-    dws = tuple(_fp32_sum(x_t, g, _ROWS).astype(w.dtype) for g, w in zip(gs, ws, strict=True))
+    dx = sum(_wide_sum(g, w, _COLS) for g, w in zip(gs, ws, strict=True))
+    dws = tuple(_wide_sum(x_t, g, _ROWS).astype(w.dtype) for g, w in zip(gs, ws, strict=True))
     return dx.astype(x_t.dtype), dws
 
 
 def _transposed_bits(x):
-    """x.T [K, N] as unsigned integers, two values to a word of twice x's width where N is even.
+    """x.T [K, N] as unsigned integers; 16-bit values two to a 32-bit word where N is even.
     - As bits: a layer loop stacks residuals, and XLA:CPU writes one layer's slice into a 16-bit
       float stack by converting the whole stack to fp32 and back, every layer; an integer
       stack it updates in place (`small` in bf16: 5 % less memory, 1.03-1.09x).
     - In pairs: XLA may otherwise keep x.T as x in a column-major layout (where no loop or
       call boundary asks for rows), and the weight gradient then upcasts both operands to fp32.
-      Pairs along N need N contiguous: x.T is written out in rows."""
+      Pairs along N need N contiguous: x.T is written out in rows. (32-bit values stay
+      single: a 64-bit word needs jax_enable_x64; fp32 has no upcast to avoid.)"""
     x_t = x.T
     width = 8 * x.dtype.itemsize
-    if x_t.shape[1] % 2:
+    if x_t.shape[1] % 2 or width > 16:
         return jax.lax.bitcast_convert_type(x_t, jnp.dtype(f"uint{width}"))
     pairs = x_t.reshape(x_t.shape[0], -1, 2)
     return jax.lax.bitcast_convert_type(pairs, jnp.dtype(f"uint{2 * width}"))
@@ -153,7 +155,7 @@ def _from_bits(bits, dtype):
     return x_t.reshape(x_t.shape[0], -1)
 
 
-_matmuls_fp32_sum.defvjp(_matmuls_fp32_sum_fwd, _matmuls_fp32_sum_bwd)
+_matmuls_wide_sum.defvjp(_matmuls_wide_sum_fwd, _matmuls_wide_sum_bwd)
 
 
 def zeros(shape, names) -> nnx.Param:
