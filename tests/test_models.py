@@ -265,7 +265,8 @@ def test_bf16_weight_gradients_run_as_bf16_matmuls(unroll):
 def test_fp32_weight_gradients_contract_a_kept_transpose(unroll):
     """XLA:CPU runs x.T @ g from x's rows at about half the speed of the same matmul from x.T
     written out: `dense` keeps x.T for its weight gradients in fp32 too. No two-dimensional
-    matmul may contract the rows of its left operand, and the gradients are autodiff's."""
+    matmul may contract the rows of its left operand, which must be laid out in rows (a
+    column-major x.T would be x again), and the gradients are autodiff's."""
     cfg = dataclasses.replace(LLAMA_PRESETS["tiny"], n_layers=2, tie_embeddings=False)
     graphdef, params = nnx.split(Llama(cfg, nnx.Rngs(0), scan_unroll=unroll))
     tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, cfg.vocab_size)
@@ -275,9 +276,10 @@ def test_fp32_weight_gradients_contract_a_kept_transpose(unroll):
 
     step = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
     hlo = step.as_text()
-    dots = re.findall(r"= \w+\[\d+,\d+\]\S* dot\(.*?lhs_contracting_dims=\{(\d)\}", hlo)
+    layouts = dict(re.findall(r"%(\S+) = \w+\[[\d,]*\](\{[\d,]*\})", hlo))
+    dots = re.findall(r"= \w+\[\d+,\d+\]\S* dot\(%(\S+),.*?lhs_contracting_dims=\{(\d)\}", hlo)
     assert len(dots) >= 7 * 3 + 2
-    assert set(dots) == {"1"}, dots
+    assert {(layouts[lhs], rows) for lhs, rows in dots} == {("{1,0}", "1")}, dots
 
     def plain_matmuls(x, ws):
         return tuple(x @ w for w in ws)
