@@ -233,6 +233,30 @@ def test_remat_policies_keep_the_same_activations_in_bf16(policy):
     assert saved(jnp.bfloat16) == saved(jnp.float32)
 
 
+def _two_layer_gradient(unroll: int, dtype):
+    """A two-layer tiny Llama's loss, its params in `dtype`, tokens, the compiled gradient and
+    every two-dimensional dot of it: (lhs, rhs, lhs contracting dim) by instruction name, with
+    a table of each instruction's HLO type, e.g. `f32[64,128]{1,0}`."""
+    cfg = dataclasses.replace(LLAMA_PRESETS["tiny"], n_layers=2, tie_embeddings=False)
+    graphdef, params = nnx.split(Llama(cfg, nnx.Rngs(0), scan_unroll=unroll))
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, cfg.vocab_size)
+
+    def loss(params, tokens):
+        return nnx.merge(graphdef, params)(tokens).astype(jnp.float32).mean()
+
+    step = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+    hlo = step.as_text()
+    types = dict(re.findall(r"%(\S+) = (\w+\[[\d,]*\]\{[\d,]*\})", hlo))
+    dots = re.findall(
+        r"= \w+\[\d+,\d+\]\S* dot\(%(\S+), %(\S+)\).*?lhs_contracting_dims=\{(\d)\}", hlo
+    )
+    # q, k, v, o, gate, up, down: forward, dx and dw; the head's dx and dw (a mean of the
+    # logits needs no forward logits)
+    assert len(dots) >= 7 * 3 + 2
+    return loss, params, tokens, step, dots, types
+
+
 @pytest.mark.parametrize("unroll", [1, 0])
 def test_bf16_weight_gradients_run_as_bf16_matmuls(unroll):
     """XLA:CPU's bf16 matmul kernel takes [K, N] @ [N, F] but not a matmul contracting the rows
@@ -241,24 +265,10 @@ def test_bf16_weight_gradients_run_as_bf16_matmuls(unroll):
     unrolled, the output layer's included. Unrolled, XLA folded the transpose back into a
     matmul XLA:CPU has no 16-bit kernel for, and the gradient failed to run; outside any loop
     it kept x.T as x in a column-major layout, and the output layer's ran in fp32."""
-    cfg = dataclasses.replace(LLAMA_PRESETS["tiny"], n_layers=2, tie_embeddings=False)
-    graphdef, params = nnx.split(Llama(cfg, nnx.Rngs(0), scan_unroll=unroll))
-    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-    tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, cfg.vocab_size)
-
-    def loss(params, tokens):
-        return nnx.merge(graphdef, params)(tokens).astype(jnp.float32).mean()
-
-    step = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+    _, params, tokens, step, dots, types = _two_layer_gradient(unroll, jnp.bfloat16)
     grads = step(params, tokens)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-    hlo = step.as_text()
-    shapes = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
-    dots = re.findall(r"= \w+\[\d+,\d+\]\S* dot\(%(\S+), %(\S+)\)", hlo)
-    # q, k, v, o, gate, up, down: forward, dx and dw; the head's dx and dw (a mean of the
-    # logits needs no forward logits)
-    assert len(dots) >= 7 * 3 + 2
-    assert [d for d in dots if "f32" in (shapes[d[0]], shapes[d[1]])] == []
+    assert [d for d in dots if "f32" in (types[d[0]][:3], types[d[1]][:3])] == []
 
 
 @pytest.mark.parametrize("unroll", [1, 0])
@@ -267,19 +277,9 @@ def test_fp32_weight_gradients_contract_a_kept_transpose(unroll):
     written out: `dense` keeps x.T for its weight gradients in fp32 too. No two-dimensional
     matmul may contract the rows of its left operand, which must be laid out in rows (a
     column-major x.T would be x again), and the gradients are autodiff's."""
-    cfg = dataclasses.replace(LLAMA_PRESETS["tiny"], n_layers=2, tie_embeddings=False)
-    graphdef, params = nnx.split(Llama(cfg, nnx.Rngs(0), scan_unroll=unroll))
-    tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, cfg.vocab_size)
-
-    def loss(params, tokens):
-        return nnx.merge(graphdef, params)(tokens).mean()
-
-    step = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
-    hlo = step.as_text()
-    layouts = dict(re.findall(r"%(\S+) = \w+\[[\d,]*\](\{[\d,]*\})", hlo))
-    dots = re.findall(r"= \w+\[\d+,\d+\]\S* dot\(%(\S+),.*?lhs_contracting_dims=\{(\d)\}", hlo)
-    assert len(dots) >= 7 * 3 + 2
-    assert {(layouts[lhs], rows) for lhs, rows in dots} == {("{1,0}", "1")}, dots
+    loss, params, tokens, step, dots, types = _two_layer_gradient(unroll, jnp.float32)
+    layouts = {types[lhs][types[lhs].index("{") :] for lhs, _, _ in dots}
+    assert (layouts, {rows for *_, rows in dots}) == ({"{1,0}"}, {"1"}), dots
 
     def plain_matmuls(x, ws):
         return tuple(x @ w for w in ws)
