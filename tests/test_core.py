@@ -433,5 +433,7 @@ def test_xla_cpu_threads_share_one_malloc_arena_when_the_engine_is_imported_firs
     warned = "malloc arenas" in done.stderr
     assert warned == (case == "jax_first"), done.stderr
     if warned:
-        assert f"this process has {arenas} malloc arenas" in done.stderr
+        # Threads started after the warning may add arenas (jax 0.11's setup does).
+        named = int(re.search(r"this process has (\d+) malloc arenas", done.stderr)[1])
+        assert 1 < named <= arenas, (named, arenas)
         assert "MALLOC_ARENA_MAX=1" in done.stderr
