@@ -54,14 +54,15 @@ def hyperparams(cfg: OptimConfig, total_steps: int) -> dict[str, jax.Array]:
 def learning_rate(h: dict, step: jax.Array) -> jax.Array:
     """optax.warmup_cosine_decay_schedule(0, lr, warmup, decay, lr * min_lr_ratio) from runtime
     values. Divisions are written as the reciprocal products XLA turns optax's constant
-    divisors into, so the rates are the same bit for bit (checked over whole schedules)."""
+    divisors into, and products in optax's order (jax 0.12's XLA no longer reassociates them),
+    so the rates are the same bit for bit (checked over whole schedules)."""
     step = jnp.asarray(step, jnp.float32)
     warmup, lr, alpha = h["warmup_steps"], h["lr"], h["min_lr_ratio"]
     frac = 1 - jnp.clip(step, 0, warmup) * (1 / jnp.maximum(warmup, 1.0))
     warm = -lr * frac + lr
     decay = h["decay_steps"] - warmup
     count = jnp.minimum(step - warmup, decay)
-    cosine = 0.5 * (1 + jnp.cos(count * (jnp.float32(jnp.pi) * (1 / decay))))
+    cosine = 0.5 * (1 + jnp.cos(jnp.float32(jnp.pi) * count * (1 / decay)))
     return jnp.where(step < warmup, warm, lr * ((1 - alpha) * cosine + alpha))
 
 
