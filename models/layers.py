@@ -104,7 +104,7 @@ _COLS = (((1,), (1,)), ((), ()))  # [N, F] x [K, F]: g @ w.T
 
 
 def _wide_sum(a, b, dims):
-    """The matmul summed in fp32 at least (16-bit operands), in the operands' dtype."""
+    """The matmul summed, and returned, in fp32 at least (the callers round it to their dtype)."""
     wide = jnp.promote_types(a.dtype, jnp.float32)
     return jax.lax.dot_general(a, b, dims, preferred_element_type=wide)
 
