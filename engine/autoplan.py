@@ -23,9 +23,10 @@ from engine.family import build_model, model_arch, model_family
 from engine.plan import Plan, apply_plan, violations
 from engine.precision import POLICIES
 from engine.step import TrainState
-from models.layers import remat_policy
-from sharding import PipelineConfig
+from models.layers import remat_policy, shapes_only
+from sharding import PipelineConfig, ShardingError
 from sharding.devices import DEVICES, KINDS, device_kind, measure_cpu
+from sharding.mesh import resolve
 from sharding.planner import (
     Candidate,
     Estimate,
@@ -53,9 +54,8 @@ def workload(cfg: Config, plan: Plan) -> Workload:
     remat policy saves per token and layer (autodiff's residuals, read from shapes only)."""
     family, arch = model_family(cfg), model_arch(cfg)
     policy = POLICIES[plan.precision]
-    # cuDNN's kernel traces only where it runs; the einsums' residuals (which keep the scores
-    # without remat) bound its memory from above.
-    plan = dataclasses.replace(plan, attention="xla")
+    if plan.attention == "auto":  # no platform to resolve it for: the einsums keep the most
+        plan = dataclasses.replace(plan, attention="xla")
     seq = cfg.data.seq_len if family.sequence_model else 1
 
     @functools.cache
@@ -63,7 +63,10 @@ def workload(cfg: Config, plan: Plan) -> Workload:
         return _state_leaves(cfg, plan, stages)
 
     model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0), plan))
-    layer_bytes = {r: _saved_bytes(cfg, model, policy.compute_dtype, r) for r in REMATS}
+    # cuDNN's kernel traces only where it runs: its shape twin keeps what it keeps (q, k, v,
+    # output, statistics), where the einsums would keep [T, T] scores.
+    with shapes_only():
+        layer_bytes = {r: _saved_bytes(cfg, model, policy.compute_dtype, r) for r in REMATS}
     layers = getattr(arch, "n_layers", 1)
     return Workload(
         state=state,
@@ -78,9 +81,14 @@ def workload(cfg: Config, plan: Plan) -> Workload:
         split_name="heads" if family.sequence_model else "mlp",
         sequence_model=family.sequence_model,
         kv_width=getattr(arch, "n_kv_heads", 0) * getattr(arch, "head_dim", 0),
+        batch_dots=plan.attention == "xla",
         **_routing(arch),
     )
 
+
+# --mesh.auto keeps the configured plan unless another is predicted this much faster: the
+# step-time model ranked two GPU plans up to 20 % wrong (benchmarks/RESULTS.md, 2026-11-27).
+KEEP_CONFIGURED = 0.2
 
 # Below this length the batch axes split a step's tokens more cheaply than `context`, which
 # exchanges keys and values every layer: the search leaves it at 1 (a pinned size still counts).
@@ -176,11 +184,13 @@ def _saved_bytes(cfg: Config, model: nnx.Module, dtype, remat: str) -> tuple[flo
     return whole / seq, parted / seq
 
 
-def to_plan(c: Candidate, base: Plan) -> Plan:
-    """The plan of candidate `c`, with `base`'s other keys. A rematerializing plan runs the
-    layer loop: unrolled, XLA is free to schedule the recomputation early, and `default` under
-    dots_no_batch on data=2 x fsdp=4 needed 1.7x the memory the estimate (the loop's)
-    predicts (benchmarks/RESULTS.md, 2026-11-26)."""
+def to_plan(c: Candidate, base: Plan, platform: str = "cpu") -> Plan:
+    """The plan of candidate `c`, with `base`'s other keys. On a CPU a rematerializing plan
+    runs the layer loop: unrolled, XLA:CPU schedules the recomputation early, and `default`
+    under dots_no_batch on data=2 x fsdp=4 needed 1.7x the memory the estimate (the loop's)
+    predicts. On a GPU `1b` under dots_no_batch took the same 42.4 GB either way and ran 1.09x
+    faster unrolled (benchmarks/RESULTS.md, 2026-11-26 and 11-27), so it keeps `base`'s."""
+    loop = platform == "cpu" and c.remat != "none"
     return dataclasses.replace(
         base,
         mesh={a.name: c.mesh.get(a.name, 1) for a in base.axes},  # unsearched axes: 1
@@ -188,7 +198,7 @@ def to_plan(c: Candidate, base: Plan) -> Plan:
         microbatches=c.microbatches,
         pipeline=PipelineConfig(c.pipeline_microbatches, c.repeats),
         loss_chunks=c.loss_chunks,
-        scan_unroll=base.scan_unroll if c.remat == "none" else 1,
+        scan_unroll=1 if loop else base.scan_unroll,
     )
 
 
@@ -238,7 +248,7 @@ def plan_search(
         return states[stages]
 
     def feasible(c: Candidate) -> list[str]:
-        plan = to_plan(c, base)
+        plan = to_plan(c, base, platform)
         # Remat and loss chunks change no shape that violations() checks (every REMATS entry
         # is valid, and candidates() offers only chunk counts that divide the sequence).
         key = (tuple(c.mesh.items()), c.microbatches, c.pipeline_microbatches, c.repeats)
@@ -250,11 +260,13 @@ def plan_search(
         return cache[key]
 
     axes = [a.name for a in base.axes if a.name in fixed or _searched(a.name, work)]
+    # Without batch dots (a fused attention kernel) dots is dots_no_batch's program.
+    remats = REMATS if work.batch_dots else tuple(r for r in REMATS if r != "dots")
     fits, rejected = search(
-        work, target, base.rules, base.precision, axes, REMATS, feasible, fixed
+        work, target, base.rules, base.precision, axes, remats, feasible, fixed
     )  # fmt: skip
-    return [(to_plan(e.candidate, base), e) for e in fits], [
-        (to_plan(e.candidate, base), e) for e in rejected
+    return [(to_plan(e.candidate, base, platform), e) for e in fits], [
+        (to_plan(e.candidate, base, platform), e) for e in rejected
     ]
 
 
@@ -303,8 +315,9 @@ def auto_plan(
     cfg: Config, devices: Sequence[jax.Device] | None = None, fixed_keys: set[str] = frozenset()
 ) -> tuple[Config, Plan, Estimate]:
     """The fastest plan that fits `devices` (default all), keeping the config keys named in
-    `fixed_keys` ('mesh.tensor', 'model.remat', ...) as the user set them. Returns the config
-    with the plan's keys filled in, the plan and its estimate."""
+    `fixed_keys` ('mesh.tensor', 'model.remat', ...) as the user set them, and the configured
+    plan unless another is predicted KEEP_CONFIGURED faster. Returns the config with the
+    plan's keys filled in, the plan, its estimate and the fastest plan's estimate."""
     devices = list(jax.devices() if devices is None else devices)
     target = local_target(devices)
     base = Plan.from_config(cfg).on(cfg, devices[0].platform)
@@ -322,14 +335,36 @@ def auto_plan(
         raise ConfigError(
             "--mesh.auto fills the mesh itself; give fixed axes explicit sizes, not -1."
         )
-    fits, rejected = plan_search(cfg, target, fixed, devices[0].platform)
+    platform = devices[0].platform
+    fits, rejected = plan_search(cfg, target, fixed, platform)
     if not fits:
         raise no_plan_error(cfg, target, rejected, fixed)
-    plan, chosen = _agreed(fits, base)
-    return apply_plan(cfg, plan), plan, chosen
+    fastest = fits[0][1]
+    fits = _configured_first(fits, base, len(devices))
+    plan, chosen = _agreed(fits, base, platform)
+    return apply_plan(cfg, plan), plan, chosen, fastest
 
 
-def _agreed(fits, base: Plan) -> tuple[Plan, Estimate]:
+def _configured_first(fits, base: Plan, devices: int) -> list[tuple[Plan, Estimate]]:
+    """`fits` with the configured plan first when it fits and the fastest is predicted less
+    than KEEP_CONFIGURED faster: a preset's plan was measured, the estimate was not."""
+    try:
+        mesh = resolve(base.mesh, devices)
+    except ShardingError:  # a configured mesh for other devices: nothing to keep
+        return fits
+    configured = Candidate(mesh, base.remat, base.microbatches, base.pipeline.microbatches,
+                           base.pipeline.repeats, base.loss_chunks)  # fmt: skip
+    fastest = fits[0][1].times_s["step"]
+    for i, (_, e) in enumerate(fits):
+        c = e.candidate  # its mesh names the searched axes only
+        if dataclasses.replace(c, mesh={a: c.mesh.get(a, 1) for a in mesh}) == configured:
+            if e.times_s["step"] <= fastest * (1 + KEEP_CONFIGURED):
+                return [fits[i], *fits[:i], *fits[i + 1 :]]
+            break
+    return fits
+
+
+def _agreed(fits, base: Plan, platform: str) -> tuple[Plan, Estimate]:
     """Process 0's choice on every process: a measured cpu row may differ between them."""
     plan, chosen = fits[0]
     if jax.process_count() == 1:
@@ -346,16 +381,22 @@ def _agreed(fits, base: Plan) -> tuple[Plan, Estimate]:
     for plan, est in fits:
         if est.candidate == agreed:
             return plan, est
-    return to_plan(agreed, base), dataclasses.replace(chosen, candidate=agreed)
+    return to_plan(agreed, base, platform), dataclasses.replace(chosen, candidate=agreed)
 
 
-def describe_choice(e: Estimate) -> str:
-    """The start-up line of a --mesh.auto run."""
+def describe_choice(e: Estimate, fastest: Estimate | None = None) -> str:
+    """The start-up line of a --mesh.auto run (`fastest`: the top plan, if not `e`)."""
     from engine.metrics import format_bytes
 
-    return (
+    line = (
         f"--mesh.auto chose {e.candidate.describe()}: predicted "
         f"{format_bytes(e.memory_gb['total'] * 1e9)}/device, "
         f"{e.times_s['step'] * 1e3:.1f} ms/step, "
         f"{e.tokens_per_s:,.0f} tokens/s, bound by {e.dominant}"
     )
+    if fastest is not None and fastest.candidate != e.candidate:
+        line += (
+            f" (the configured plan: the fastest predicted, {fastest.candidate.describe()} at "
+            f"{fastest.times_s['step'] * 1e3:.1f} ms/step, is within the estimate's error)"
+        )
+    return line

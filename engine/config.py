@@ -61,8 +61,8 @@ class ModelConfig(LlamaConfig):
     N = N layers unrolled in each iteration; 0 = no loop, every layer compiled in place (no
     stacked activation buffers: `default` steps about 1.2x faster on 2 CPU cores, 12 % less
     memory; `small` 1.35x and 35 % less memory on an H100; compile time grows with depth;
-    under remat XLA may recompute early and hold more, so the planner's remat plans keep the
-    loop). Weights and checkpoints are the same."""
+    under remat XLA:CPU may recompute early and hold more, so there the planner's remat plans
+    keep the loop). Weights and checkpoints are the same."""
 
     @property
     def arch(self) -> LlamaConfig:

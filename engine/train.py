@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.mesh.auto:
             from engine.autoplan import auto_plan, describe_choice
 
-            cfg, _, chosen = auto_plan(cfg, fixed_keys=explicit_keys(argv))
+            cfg, _, chosen, fastest = auto_plan(cfg, fixed_keys=explicit_keys(argv))
             if cfg.distributed.process_id <= 0:
-                print(describe_choice(chosen), flush=True)
+                print(describe_choice(chosen, fastest), flush=True)
         train(cfg)
     except (ConfigError, ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,8 +8,10 @@ loss (an MoE router's balance loss, say); the layer stack averages them over lay
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -252,8 +254,53 @@ def cudnn_masked_attention(q, k, v, visible):
     return jax.nn.dot_product_attention(q, k, v, mask=visible[:, None], implementation="cudnn")
 
 
+@jax.custom_vjp
+def _fused_shapes(q, k, v):
+    return jnp.zeros_like(q)
+
+
+def _fused_shapes_fwd(q, k, v):
+    out = jnp.zeros_like(q)
+    stats = jnp.zeros(q.shape[:-1], jnp.float32)  # a log-sum-exp per query and head
+    return out, (q, k, v, out, stats)
+
+
+def _fused_shapes_bwd(res, _):
+    q, k, v, _, _ = res
+    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+
+
+_fused_shapes.defvjp(_fused_shapes_fwd, _fused_shapes_bwd)
+
+
+def cudnn_attention_shapes(q, k, v, visible=None, segments=None):
+    """cuDNN's kernel as autodiff sees it, traceable on any backend: one op that is not a dot,
+    so remat policies recompute it, whose backward keeps q, k, v, its output and fp32 softmax
+    statistics (jax's fused_attention_stablehlo). Shapes only, its values are not attention's:
+    the planner counts a GPU step's residuals with it on any machine (`shapes_only`)."""
+    if visible is not None:
+        return xla_attention(q, k, v, visible, segments)
+    return _fused_shapes(q, k, v)
+
+
 # name -> kernel(q, k, v, visible=None, segments=None).
 ATTENTION: dict[str, Callable] = {"xla": xla_attention, "cudnn": cudnn_attention}
+# name -> its stand-in under `shapes_only` (kernels that trace only on their own devices).
+SHAPE_TWINS: dict[str, Callable] = {"cudnn": cudnn_attention_shapes}
+_SHAPES_ONLY = contextvars.ContextVar("shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Within it attention traces as its SHAPE_TWINS entry: for `jax.eval_shape` of a step
+    whose kernel runs on other devices than these."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
 # name -> kernel(q, k, v, visible) that the `all_gather` context strategy runs on gathered keys
 # instead of its own blockwise one (which skips the blocks the causal mask hides).
 GATHERED_ATTENTION: dict[str, Callable] = {"cudnn": cudnn_masked_attention}
@@ -266,6 +313,8 @@ def attention(q, k, v, impl: str, visible=None, segments=None, positions=None,
     if visible is None and positions is not None and context_degree() > 1:
         gathered = GATHERED_ATTENTION.get(impl) if context == "all_gather" else None
         return context_attention(q, k, v, positions, segments, context, gathered)
+    if _SHAPES_ONLY.get():
+        return SHAPE_TWINS.get(impl, ATTENTION[impl])(q, k, v, visible, segments)
     return ATTENTION[impl](q, k, v, visible, segments)
 
 

@@ -106,6 +106,9 @@ class Workload:
     kv_width: int = 0
     """Key (and value) elements per token per layer: what attention exchanges across a
     sequence split over `context`."""
+    batch_dots: bool = True
+    """Whether attention is matmuls with a batch dimension (the einsums), which remat=dots
+    keeps; a fused kernel is no dot, and dots recomputes what dots_no_batch does."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,8 +319,11 @@ def estimate(
     memory_terms = {k: v / 1e9 for k, v in terms.items()}
 
     # Time.
-    recompute = 1 + REMAT_RECOMPUTE.get(c.remat, 0.05)
+    remat = c.remat if workload.batch_dots or c.remat != "dots" else "dots_no_batch"
+    recompute = 1 + REMAT_RECOMPUTE.get(remat, 0.05)
     flops = workload.flops_per_token * tokens * recompute / n
+    if chunks > 1:  # each piece's logits are recomputed in the backward pass (engine.step)
+        flops += 2 * workload.width * workload.vocab * tokens / n
     times = {"compute": flops / (dev.flops(precision) * dev.matmul_efficiency)}
     weights_pass = state["params"] * cb / 4 * fsdp  # a device's weights, gathered, per pass
     traffic = (
