@@ -46,6 +46,12 @@ keep_trace() {  # keep_trace DIR NAME: the newest trace under DIR comes back as 
   [[ -n $trace && $(stat -c %s "$trace") -lt 16000000 ]] && cp "$trace" "$OUT/$2.xplane.pb"
 }
 
+keep_hlo() {  # keep_hlo DIR NAME: the largest optimized module under DIR, gzipped, as $OUT/NAME
+  local hlo
+  hlo=$(ls -S "$1"/*after_optimizations.txt 2>/dev/null | head -1)
+  [[ -n $hlo ]] && gzip -c "$hlo" > "$OUT/$2.hlo.txt.gz"
+}
+
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
@@ -55,33 +61,40 @@ keep_trace() {  # keep_trace DIR NAME: the newest trace under DIR comes back as 
 transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 || true
   case ${PART:-1} in
   1)
-    # The embedding's gradient now sums in fp32: the profile says whether its scatter left
-    # the top of the list (26.3 of 75.1 ms on an H200 in bf16); `1b`'s MFU against the 60 %
-    # goal (its 128k x 2048 table had the same scatter) and where its step goes; then `small`
-    # against PyTorch.
-    step 60 profile_small $PY benchmarks/mfu.py --config $mid --mesh.data=1 --steps $steps \
-      --profile /tmp/profile_small "${extra[@]}"
-    keep_trace /tmp/profile_small profile_small
-    step 150 mfu_1b $PY benchmarks/mfu.py --config $big --mesh.data=1 --steps $steps \
-      --profile /tmp/profile_1b "${extra[@]}"
+    # `1b`'s step with its optimized HLO (fusion names -> ops: 56 of its 252 ms are non-matmul
+    # fusions the profile names only by number); the planner's fastest predicted plan for `1b`
+    # (remat=none with 2 accumulation steps, 198 ms predicted against 219 ms for the preset's
+    # dots_no_batch, 252 ms measured) to check the ranking; `1b` against PyTorch (its torch
+    # eager process ran past 230 s last time: its stderr now passes through).
+    step 110 mfu_1b env XLA_FLAGS="--xla_dump_to=/tmp/hlo_1b --xla_dump_hlo_as_text \
+--xla_dump_hlo_module_re=.*train_step.*" $PY benchmarks/mfu.py --config $big --mesh.data=1 \
+      --steps $steps --profile /tmp/profile_1b "${extra[@]}"
     keep_trace /tmp/profile_1b profile_1b
-    step 270 vs_pytorch_small $PY benchmarks/vs_pytorch.py --config $mid --precision bf16 \
-      --rounds 3 --cycles 1 "${extra[@]}"
+    keep_hlo /tmp/hlo_1b hlo_1b
+    step 80 mfu_1b_none_accum2 $PY benchmarks/mfu.py --config $big --mesh.data=1 --steps $steps \
+      --model.remat=none --optim.microbatches=2 "${extra[@]}"
+    step 300 vs_pytorch_1b $PY benchmarks/vs_pytorch.py --config $big --rounds 2 \
+      --steps_per_round 3 --warmup 2 --cycles 1 "${extra[@]}"
     ;;
   2)
-    # HF gradient checkpointing on the torch side, as our dots_no_batch remat (without it
-    # torch's eager step ran out of memory); the planner's pick for `1b` against the
-    # configured plan; the two attention and SwiGLU forms at `small`'s shapes.
-    step 230 vs_pytorch_1b $PY benchmarks/vs_pytorch.py --config $big --rounds 2 \
-      --steps_per_round 3 --warmup 2 --cycles 1 "${extra[@]}"
-    step 200 planned_1b $PY -m engine.train --config $big --steps 20 --mesh.auto \
+    # --mesh.auto for `1b` (it keeps the preset's plan now unless another is predicted 20 %
+    # faster); the accumulation and loss-chunk costs the planner's pick paid (321 ms against
+    # 252); checkpoint writes from a GPU host (its default 3 GB state: `1b`'s 20 GB, saved
+    # twice a round beside a raw copy, would fill the machine's 64 GB disk).
+    step 100 planned_1b $PY -m engine.train --config $big --steps 20 --mesh.auto \
       --checkpoint.every=0 --checkpoint.final=False --run_dir /tmp/planned_1b "${extra[@]}"
-    step 90 block_kernels $PY benchmarks/block_kernels.py "${blocks[@]}" --dtype bf16
+    step 80 mfu_1b_accum2_chunks4 $PY benchmarks/mfu.py --config $big --mesh.data=1 \
+      --steps $steps --optim.microbatches=2 --model.loss_chunks=4 "${extra[@]}"
+    step 200 checkpoint_io $PY benchmarks/checkpoint_io.py --rounds 2 "${extra[@]}"
     ;;
   *)
-    # Checkpoint writes from a GPU host (its default 3 GB state: `1b`'s 20 GB, saved twice a
-    # round beside a raw copy, would fill the machine's 64 GB disk).
-    step 200 checkpoint_io $PY benchmarks/checkpoint_io.py --rounds 2 "${extra[@]}"
+    # `small`'s HLO and `phases` against PyTorch: which pass holds the 1.51x.
+    step 60 mfu_small env XLA_FLAGS="--xla_dump_to=/tmp/hlo_small --xla_dump_hlo_as_text \
+--xla_dump_hlo_module_re=.*train_step.*" $PY benchmarks/mfu.py --config $mid --mesh.data=1 \
+      --steps $steps "${extra[@]}"
+    keep_hlo /tmp/hlo_small hlo_small
+    step 270 vs_pytorch_small_phases $PY benchmarks/vs_pytorch.py --config $mid --precision bf16 \
+      --rounds 3 --cycles 1 --phases "${extra[@]}"
     ;;
   esac
 } 2>&1 | tee "$OUT/gpu_run${PART:-1}.log"

@@ -292,17 +292,21 @@ def isolated(names, cfg: Config, args, argv: list[str]) -> dict[str, dict[str, l
             env = dict(os.environ)
             if name != "shardtrain" and args.torch_host_memory == "glibc":
                 env["SHARDTRAIN_KEEP_HOST_MEMORY"] = "0"  # importing the engine sets none
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            began = time.perf_counter()
+            # Its stderr passes through: at a time limit its fault handler's stacks say where
+            # it was (a GPU run lost them when they were captured, 2026-11-27).
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+            took = time.perf_counter() - began
             lines = done.stdout.splitlines()
             found = [json.loads(x.removeprefix(TIMES)) for x in lines if x.startswith(TIMES)]
             if done.returncode or not found:
-                tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+                tail = done.stdout.strip().splitlines()[-3:]
                 raise SystemExit(f"error: {name} failed (rc {done.returncode}): {' / '.join(tail)}")
             for phase, times in found[0].items():
                 seconds[name].setdefault(phase, []).extend(times)
             rounds = zip(*found[0].values(), strict=True)
             shown = ", ".join(_show(dict(zip(found[0], r, strict=True)), cfg) for r in rounds)
-            print(f"cycle {cycle + 1}, {name} (own process): {shown}")
+            print(f"cycle {cycle + 1}, {name} (own process, {took:.0f} s): {shown}")
     return seconds
 
 
