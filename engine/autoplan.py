@@ -313,7 +313,7 @@ def local_target(devices: Sequence[jax.Device]) -> Target:
 
 def auto_plan(
     cfg: Config, devices: Sequence[jax.Device] | None = None, fixed_keys: set[str] = frozenset()
-) -> tuple[Config, Plan, Estimate]:
+) -> tuple[Config, Plan, Estimate, Estimate]:
     """The fastest plan that fits `devices` (default all), keeping the config keys named in
     `fixed_keys` ('mesh.tensor', 'model.remat', ...) as the user set them, and the configured
     plan unless another is predicted KEEP_CONFIGURED faster. Returns the config with the
