@@ -352,12 +352,10 @@ def _configured_first(fits, base: Plan, devices: int) -> list[tuple[Plan, Estima
         mesh = resolve(base.mesh, devices)
     except ShardingError:  # a configured mesh for other devices: nothing to keep
         return fits
-    configured = Candidate(mesh, base.remat, base.microbatches, base.pipeline.microbatches,
-                           base.pipeline.repeats, base.loss_chunks)  # fmt: skip
+    configured = dataclasses.replace(base, mesh=mesh)
     fastest = fits[0][1].times_s["step"]
-    for i, (_, e) in enumerate(fits):
-        c = e.candidate  # its mesh names the searched axes only
-        if dataclasses.replace(c, mesh={a: c.mesh.get(a, 1) for a in mesh}) == configured:
+    for i, (plan, e) in enumerate(fits):
+        if plan == configured:
             if e.times_s["step"] <= fastest * (1 + KEEP_CONFIGURED):
                 return [fits[i], *fits[:i], *fits[i + 1 :]]
             break

@@ -201,7 +201,7 @@ def test_mesh_auto_keeps_the_configured_plan_within_the_estimates_error(tiny_pla
     fastest = fits[0][1].times_s["step"]
     near = next(e for _, e in fits[1:] if e.times_s["step"] <= fastest * (1 + KEEP_CONFIGURED))
     far = next(e for _, e in fits if e.times_s["step"] > fastest * (1 + KEEP_CONFIGURED))
-    base = Plan.from_config(PRESETS["tiny"])
+    base = Plan.from_config(PRESETS["tiny"]).on(PRESETS["tiny"], "cpu")  # as auto_plan has it
     for e, kept in ((near, True), (far, False)):
         configured = to_plan(e.candidate, base)
         first = _configured_first(fits, configured, 8)[0][1]
