@@ -26,21 +26,47 @@ Aux = dict[str, jax.Array]
 # Activations tagged with `checkpoint_name`, which `--model.remat=save:NAME,...` can keep.
 ACTIVATION_NAMES = ("query", "key", "value", "attention", "attn_out", "mlp_hidden", "mlp_out")
 
+# cuDNN's fused attention is one op autodiff cannot see into, and no dot, so a dots policy
+# would recompute its forward in the backward pass (`1b` on an H100: 32 forward kernels a step
+# for 16 layers, 12.5 of 252 ms). What its backward reads besides q, k, v (the output and fp32
+# softmax statistics) grows with the sequence as q does, not as the scores, so the policies
+# that keep matmul outputs, and save:attention, keep it too. JAX's primitive is matched by
+# name; the shape twin names its residuals with _FUSED_ATTENTION.
+_CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
+_FUSED_ATTENTION = "fused_attention"
+
+
+def _any_of(*policies: Callable) -> Callable:
+    return lambda prim, *args, **params: any(p(prim, *args, **params) for p in policies)
+
+
+def _fused_attention_kernel(prim, *_, **__) -> bool:
+    return prim.name == _CUDNN_ATTENTION_FORWARD
+
+
+_fused_attention = _any_of(
+    jax.checkpoint_policies.save_only_these_names(_FUSED_ATTENTION), _fused_attention_kernel
+)
+
+
+def _saving(*names: str) -> Callable:
+    """Keep the activations `names`; with "attention", the fused kernel's residuals as well."""
+    policy = jax.checkpoint_policies.save_only_these_names(*names)
+    return _any_of(policy, _fused_attention) if "attention" in names else policy
+
+
 _POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     # `dense`'s results named "dot" count as dots: on XLA:CPU they sit behind a custom gradient.
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots,
-        jax.checkpoint_policies.save_only_these_names("dot"),
-    ),
-    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("dot"),
+    "dots": _any_of(jax.checkpoint_policies.checkpoint_dots, _saving("dot"), _fused_attention),
+    "dots_no_batch": _any_of(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _saving("dot"), _fused_attention
     ),
 }
 REMAT_HELP = (
     "none, full, dots (keep matmul outputs), dots_no_batch (keep only weight-like matmul "
-    f"outputs), or save:NAME,... to keep just these activations ({', '.join(ACTIVATION_NAMES)})"
+    "outputs; both keep a fused attention kernel's output), or save:NAME,... to keep just these "
+    f"activations ({', '.join(ACTIVATION_NAMES)})"
 )
 
 
@@ -54,7 +80,7 @@ def remat_policy(name: str) -> Callable | None:
         names = tuple(n for n in name[5:].split(",") if n)
         unknown = [n for n in names if n not in ACTIVATION_NAMES]
         if names and not unknown:
-            return jax.checkpoint_policies.save_only_these_names(*names)
+            return _saving(*names)
     raise ValueError(f"--model.remat={name} is not a remat policy; use {REMAT_HELP}.")
 
 
@@ -256,12 +282,15 @@ def cudnn_masked_attention(q, k, v, visible):
 
 @jax.custom_vjp
 def _fused_shapes(q, k, v):
-    return jnp.zeros_like(q)
+    return _fused_shapes_fwd(q, k, v)[0]
 
 
 def _fused_shapes_fwd(q, k, v):
-    out = jnp.zeros_like(q)
-    stats = jnp.zeros(q.shape[:-1], jnp.float32)  # a log-sum-exp per query and head
+    # Computed from q, as the kernel's are: values that depend on no input would be constants,
+    # which remat keeps whatever the policy.
+    out = q * 0
+    stats = jnp.swapaxes(out[..., 0], 1, 2).astype(jnp.float32)  # [B, H, T]: per head, query
+    out, stats = (checkpoint_name(a, _FUSED_ATTENTION) for a in (out, stats))
     return out, (q, k, v, out, stats)
 
 
@@ -275,8 +304,9 @@ _fused_shapes.defvjp(_fused_shapes_fwd, _fused_shapes_bwd)
 
 def cudnn_attention_shapes(q, k, v, visible=None, segments=None):
     """cuDNN's kernel as autodiff sees it, traceable on any backend: one op that is not a dot,
-    so remat policies recompute it, whose backward keeps q, k, v, its output and fp32 softmax
-    statistics (jax's fused_attention_stablehlo). Shapes only, its values are not attention's:
+    whose backward keeps q, k, v, its output and fp32 softmax statistics (jax's
+    fused_attention_stablehlo), the last two kept by the policies that keep the kernel's (see
+    _CUDNN_ATTENTION_FORWARD). Shapes only, its values are not attention's:
     the planner counts a GPU step's residuals with it on any machine (`shapes_only`)."""
     if visible is not None:
         return xla_attention(q, k, v, visible, segments)

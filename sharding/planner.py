@@ -108,7 +108,7 @@ class Workload:
     sequence split over `context`."""
     batch_dots: bool = True
     """Whether attention is matmuls with a batch dimension (the einsums), which remat=dots
-    keeps; a fused kernel is no dot, and dots recomputes what dots_no_batch does."""
+    keeps; a fused kernel is no dot, and both dots policies keep its output: one program."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +319,9 @@ def estimate(
     memory_terms = {k: v / 1e9 for k, v in terms.items()}
 
     # Time.
-    remat = c.remat if workload.batch_dots or c.remat != "dots" else "dots_no_batch"
+    # Without batch dots (a fused attention kernel) both dots policies keep every matmul's
+    # output and the kernel's: dots' recomputation (models.layers._CUDNN_ATTENTION_FORWARD).
+    remat = "dots" if not workload.batch_dots and c.remat == "dots_no_batch" else c.remat
     recompute = 1 + REMAT_RECOMPUTE.get(remat, 0.05)
     flops = workload.flops_per_token * tokens * recompute / n
     if chunks > 1:  # each piece's logits are recomputed in the backward pass (engine.step)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import jaxpr_equations
 from flax import nnx
+from jax._src.cudnn import fused_attention_stablehlo
 
 from engine.config import PRESETS
 from engine.precision import POLICIES
@@ -94,6 +95,41 @@ def test_einsum_attention_is_the_function_cudnn_computes():
     )
     want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     np.testing.assert_allclose(attention(q, k, v, "xla"), want, atol=1e-5)
+
+
+def test_remat_keeps_the_fused_attention_kernels_forward(monkeypatch):
+    """cuDNN's attention is no dot: the dots policies and save:attention keep its output and
+    softmax statistics instead of running its forward again in the backward pass, and its
+    shape twin (what the planner counts with on any machine) keeps the same residuals under
+    every policy. Traced only: tracing JAX's kernel checks nothing but the cuDNN version."""
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90500)
+    shapes = [(2, 64, 4, 16), (2, 64, 2, 16), (2, 64, 2, 16), (16, 16)]
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+
+    def layer(remat):  # a new function each time: jax.checkpoint caches what it traced
+        def fn(q, k, v, w):
+            q, k, v = (a @ w for a in (q, k, v))  # weight-like dots, as the projections are
+            return attention(q, k, v, "cudnn").astype(jnp.float32)
+
+        policy = layers.remat_policy(remat)
+        return fn if policy is None else jax.checkpoint(fn, policy=policy)
+
+    def residuals(fn):
+        kept = jax.eval_shape(lambda *a: jax.vjp(fn, *a)[1], *args)
+        return sorted((x.shape, x.dtype.name) for x in jax.tree.leaves(kept) if x.size)
+
+    forwards = {"none": 1, "full": 2, "dots_no_batch": 1, "dots": 1, "save:attention": 1,
+                "save:query,key,value": 2}  # fmt: skip
+    for remat, want in forwards.items():
+        fn = layer(remat)
+        grad = jax.grad(lambda *a, fn=fn: fn(*a).sum(), argnums=(0, 1, 2, 3))
+        program = str(jax.make_jaxpr(grad)(*args))
+        assert program.count(layers._CUDNN_ATTENTION_FORWARD) == want, remat
+        kernel = residuals(fn)
+        with layers.shapes_only():
+            assert residuals(layer(remat)) == kernel, remat
+        statistics = ((2, 4, 64), "float32")
+        assert (statistics in kernel) == (want == 1), remat
 
 
 def test_causal_attention_in_blocks_computes_the_whole_attention():
