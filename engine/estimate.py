@@ -29,9 +29,9 @@ class MemoryEstimate:
 def compile_abstract(
     cfg: Config, plan: Plan | None = None, devices: list[jax.Device] | None = None
 ) -> Run:
-    """`cfg`'s train and eval steps compiled for `plan` on `devices` (default all), from shapes
-    alone: no data opened, no state allocated (`run.state` holds ShapeDtypeStructs)."""
-    return setup(cfg, devices, init=False, plan=plan)
+    """`cfg`'s train step compiled for `plan` on `devices` (default all), from shapes alone: no
+    data opened, no state allocated (`run.state` holds ShapeDtypeStructs), no eval step."""
+    return setup(cfg, devices, init=False, plan=plan, evaluate=False)
 
 
 def memory(run: Run) -> MemoryEstimate:

@@ -45,7 +45,7 @@ class Run:
     state_shardings: Any
     batch_shardings: dict[str, NamedSharding]
     train_step: Any  # compiled: (state, batch) -> (state, metrics)
-    eval_step: Any  # compiled: (params, batch) -> sums
+    eval_step: Any  # compiled: (params, batch) -> sums; None from setup(evaluate=False)
     task: Any
     compile_s: float
     blocks: dict[str, tuple[slice, ...]]  # per batch key: this process's block of the array
@@ -136,6 +136,7 @@ def setup(
     plan: Plan | None = None,
     task=None,
     cache: StepCache | None = None,
+    evaluate: bool = True,
 ) -> Run:
     """Mesh, sharded initial state and the once-compiled train and eval steps.
 
@@ -145,8 +146,12 @@ def setup(
 
     With `init=False` and no `task` nothing is allocated or opened: the state and batch stay
     abstract (shapes and shardings from the config alone) and `run.task` is None, enough to
-    compile and read `memory_analysis()` for models that would not fit here.
+    compile and read `memory_analysis()` for models that would not fit here; with
+    `evaluate=False` as well, no eval step is compiled (`run.eval_step` is None; a quarter to a
+    third of the compile time).
     """
+    if cache is not None and not evaluate:
+        raise ValueError("setup(evaluate=False) compiles no eval step: it cannot fill a cache")
     devices = list(jax.devices() if devices is None else devices)
     if devices[0].platform == "cpu" and (warning := prepare_cpu(len(devices))):
         print(f"warning: {warning}", file=sys.stderr)
@@ -173,7 +178,7 @@ def setup(
     names = task.batch_names if task is not None else TASKS[cfg.task].batch_names
 
     if not reused:
-        compiled = _compile(cfg, plan, devices, shapes, names)
+        compiled = _compile(cfg, plan, devices, shapes, names, evaluate)
         if cache is not None:
             cache.put(key, compiled)
     state = compiled.abstract_state
@@ -191,7 +196,9 @@ def setup(
     )  # fmt: skip
 
 
-def _compile(cfg: Config, plan: Plan, devices, shapes: dict, names: dict) -> Compiled:
+def _compile(
+    cfg: Config, plan: Plan, devices, shapes: dict, names: dict, evaluate: bool
+) -> Compiled:
     mesh = make_mesh(plan.mesh, devices, plan.axes)
     stages = stages_of(mesh)
     if stages == 1 and plan.pipeline != type(plan.pipeline)():
@@ -241,15 +248,17 @@ def _compile(cfg: Config, plan: Plan, devices, shapes: dict, names: dict) -> Com
             .lower(abstract_state, abstract_batch)
             .compile()
         )
-        eval_step = (
-            jax.jit(
-                eval_fn,
-                in_shardings=(state_shardings.params, batch_shardings),
-                out_shardings=replicated,
+        eval_step = None
+        if evaluate:
+            eval_step = (
+                jax.jit(
+                    eval_fn,
+                    in_shardings=(state_shardings.params, batch_shardings),
+                    out_shardings=replicated,
+                )
+                .lower(abstract_state.params, abstract_batch)
+                .compile()
             )
-            .lower(abstract_state.params, abstract_batch)
-            .compile()
-        )
     compile_s = time.perf_counter() - start
     return Compiled(
         mesh=mesh, graphdef=graphdef, abstract_state=abstract_state,
