@@ -40,7 +40,7 @@ def test_rule_overrides_from_keys_and_files(tiny, tmp_path):
     (tmp_path / "rules.yaml").write_text("embed: []\nvocab: [tensor]\n")
     assert dict(rule_table(str(tmp_path / "rules.yaml"))) == dict(RULE_PRESETS["no_zero3"])
     # The override reaches the params: embed whole, where the default splits it over fsdp.
-    run = setup(tiny(mesh=dict(fsdp=8), rule_overrides=("embed=",)), init=False)
+    run = setup(tiny(mesh=dict(fsdp=8), rule_overrides=("embed=",)), init=False, evaluate=False)
     wq = run.state_shardings.params["layers"]["wq"].get_value()
     assert wq.shard_shape((2, 64, 8, 8)) == (2, 64, 8, 8)
     with pytest.raises(ConfigError, match="'embed' maps to unknown mesh axis fdsp"):

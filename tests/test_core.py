@@ -20,7 +20,7 @@ from conftest import cli
 from engine.config import CheckpointConfig, ConfigError, DataConfig
 from engine.optim import OptimConfig
 from engine.plan import Plan, violations
-from engine.setup import setup
+from engine.setup import StepCache, setup
 from engine.trainer import Callback, Trainer, evaluate, train
 from models.layers import FEED_FORWARD, SwiGLU
 from sharding import AXES, MeshAxis, MeshConfig, default_rules
@@ -78,13 +78,17 @@ def test_changing_lr_keeps_the_compiled_program(tiny):
     def program(lr):
         """The compiled HLO without its source locations, which name whichever process compiled
         it first (the tests share a persistent compilation cache)."""
-        text = setup(tiny(steps=3, optim=OptimConfig(lr=lr)), init=False).train_step.as_text()
+        run = setup(tiny(steps=3, optim=OptimConfig(lr=lr)), init=False, evaluate=False)
+        text = run.train_step.as_text()
         tables = re.compile(r"(FileNames|FunctionNames|FileLocations|StackFrames)$|\d+ ")
         lines = [line for line in text.splitlines() if not tables.match(line)]
         return re.sub(r", metadata=\{[^}]*\}", "", "\n".join(lines))
 
     first, second = program(1e-3), program(5e-2)
     assert "fusion" in first and first == second
+    # A train-only program must never reach a cache that trainers take their eval step from.
+    with pytest.raises(ValueError, match="compiles no eval step"):
+        setup(tiny(), init=False, evaluate=False, cache=StepCache())
 
 
 class StopAtEval(Callback):
@@ -404,7 +408,7 @@ import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 from engine.config import PRESETS
 from engine.hostmem import arenas
-from engine.setup import setup
+from engine.setup import StepCache, setup
 mesh = jax.make_mesh((jax.device_count(),), ("d",))
 x = jax.device_put(jnp.ones((8 * 256, 512)), NamedSharding(mesh, PartitionSpec("d")))
 jax.jit(lambda x: jnp.sin(x * 2).sum(axis=1))(x).block_until_ready()

@@ -75,7 +75,7 @@ def test_flops_per_token_matches_xla_cost_analysis():
     cfg = PRESETS["small"]
     model = dataclasses.replace(cfg.model, n_layers=1, remat="none")
     cfg = dataclasses.replace(cfg, model=model, precision="fp32", batch_size=8)
-    run = setup(cfg, init=False)
+    run = setup(cfg, init=False, evaluate=False)
     cost = run.train_step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     # cost_analysis is per device; the batch is split over all of them.

@@ -203,7 +203,7 @@ def test_flops_count_active_experts_and_match_xla_when_dense_equivalent(tmp_path
     assert moe.matmul_params() == base.matmul_params() + base.d_model
     data = dataclasses.replace(tiny_config(tmp_path).data, seq_len=256)
     cfg = tiny_config(tmp_path, dict(data=1), model=ModelConfig.of(moe), batch_size=8, data=data)
-    run = setup(cfg, devices=jax.devices()[:1], init=False)
+    run = setup(cfg, devices=jax.devices()[:1], init=False, evaluate=False)
     cost = run.train_step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     xla_per_token = cost["flops"] / (cfg.batch_size * cfg.data.seq_len)

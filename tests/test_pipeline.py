@@ -134,7 +134,7 @@ def test_compiled_step_moves_activations_with_collective_permute(tmp_path):
         tiny_config(tmp_path, dict(pipeline=4, data=2)),
         pipeline=PipelineConfig(microbatches=4, repeats=2),
     )
-    hlo = setup(cfg, init=False).train_step.as_text()
+    hlo = setup(cfg, init=False, evaluate=False).train_step.as_text()
     dump = tmp_path / "train_step.hlo.txt"
     dump.write_text(hlo)
     ops = re.findall(r"\bcollective-permute(?:-start)?\(", dump.read_text())
@@ -167,7 +167,8 @@ def test_layer_weights_per_device_fall_as_one_over_stages(tmp_path):
 
 
 def temp_bytes(cfg, devices) -> int:
-    return setup(cfg, devices, init=False).train_step.memory_analysis().temp_size_in_bytes
+    run = setup(cfg, devices, init=False, evaluate=False)
+    return run.train_step.memory_analysis().temp_size_in_bytes
 
 
 def test_activation_memory_does_not_grow_with_microbatches(tmp_path):

@@ -125,7 +125,7 @@ def test_memory_plan_shows_fsdp_splitting_the_state(tiny):
     rows per device), so the plan shrinks by about 7/8 of the state."""
     plans, state = {}, None
     for name in ("data", "fsdp"):
-        run = setup(tiny(mesh={name: 8}), init=False)
+        run = setup(tiny(mesh={name: 8}), init=False, evaluate=False)
         plans[name] = planned_memory_gb(run.train_step) * 1e9
         state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.state))
     saved = plans["data"] - plans["fsdp"]
