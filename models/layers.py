@@ -44,23 +44,18 @@ def _fused_attention_kernel(prim, *_, **__) -> bool:
     return prim.name == _CUDNN_ATTENTION_FORWARD
 
 
-_fused_attention = _any_of(
-    jax.checkpoint_policies.save_only_these_names(_FUSED_ATTENTION), _fused_attention_kernel
-)
-
-
-def _saving(*names: str) -> Callable:
-    """Keep the activations `names`; with "attention", the fused kernel's residuals as well."""
-    policy = jax.checkpoint_policies.save_only_these_names(*names)
-    return _any_of(policy, _fused_attention) if "attention" in names else policy
+def _keeping_fused_attention(policy: Callable, *names: str) -> Callable:
+    """`policy`, the activations `names` and the fused attention kernel's residuals."""
+    names = jax.checkpoint_policies.save_only_these_names(*names, _FUSED_ATTENTION)
+    return _any_of(policy, names, _fused_attention_kernel)
 
 
 _POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     # `dense`'s results named "dot" count as dots: on XLA:CPU they sit behind a custom gradient.
-    "dots": _any_of(jax.checkpoint_policies.checkpoint_dots, _saving("dot"), _fused_attention),
-    "dots_no_batch": _any_of(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _saving("dot"), _fused_attention
+    "dots": _keeping_fused_attention(jax.checkpoint_policies.checkpoint_dots, "dot"),
+    "dots_no_batch": _keeping_fused_attention(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, "dot"
     ),
 }
 REMAT_HELP = (
@@ -80,7 +75,8 @@ def remat_policy(name: str) -> Callable | None:
         names = tuple(n for n in name[5:].split(",") if n)
         unknown = [n for n in names if n not in ACTIVATION_NAMES]
         if names and not unknown:
-            return _saving(*names)
+            policy = jax.checkpoint_policies.save_only_these_names(*names)
+            return _keeping_fused_attention(policy) if "attention" in names else policy
     raise ValueError(f"--model.remat={name} is not a remat policy; use {REMAT_HELP}.")
 
 

@@ -198,7 +198,7 @@ def test_the_gpu_estimate_against_the_h100_measurements():
 
 
 def test_mesh_auto_keeps_the_configured_plan_within_the_estimates_error(tiny_plans):
-    from engine.autoplan import KEEP_CONFIGURED, _configured_first, to_plan
+    from engine.autoplan import KEEP_CONFIGURED, _configured_first
 
     fits, _ = tiny_plans
     fastest = fits[0][1].times_s["step"]
