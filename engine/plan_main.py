@@ -108,37 +108,39 @@ def _virtual_cpu_devices(n: int) -> None:
 
 
 def _confirm(cfg, top, target) -> list[dict]:
-    """XLA's memory plan of each top plan, compiled (never run) on as many CPU devices."""
+    """XLA's memory plan of each top plan, compiled (never run) on as many CPU devices, next to
+    the planner's prediction for that same CPU program."""
     if not top:
         return []
     import jax
 
     from engine.autoplan import workload as make_workload
+    from engine.estimate import compile_abstract, memory
+    from engine.plan import apply_plan
     from sharding.devices import cpu_widening
     from sharding.planner import estimate
 
     devices = target.devices
-    workload = make_workload(cfg, top[0][0])
-    from engine.estimate import compile_abstract, memory
-    from engine.plan import apply_plan
-
     cpus = jax.devices("cpu")
     if len(cpus) < devices:
         return [{"skipped": f"{devices} CPU devices needed, {len(cpus)} present; set "
                  f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}"}]  # fmt: skip
+    # Like with like. cuDNN's kernel compiles only on a GPU, so the CPU compiles the einsums,
+    # which keep other residuals (the [T, T] scores under remat=none): the prediction is for
+    # the einsums too. And XLA's CPU plan keeps part of the 16-bit activations in fp32.
+    workload = make_workload(cfg, dataclasses.replace(top[0][0], attention="xla"))
+    as_cpu = dataclasses.replace(target, device=dataclasses.replace(
+        target.device, widening=cpu_widening()))  # fmt: skip
     out = []
     for rank, (plan, est) in enumerate(top, 1):
-        on_cpus = dataclasses.replace(plan, attention="xla")  # cuDNN compiles only on a GPU
+        on_cpus = dataclasses.replace(plan, attention="xla")
         run = compile_abstract(apply_plan(cfg, on_cpus), on_cpus, cpus[:devices])
         xla = memory(run).total_gb
-        # XLA's CPU plan keeps part of the 16-bit activations in fp32: compare like with like.
-        as_cpu = dataclasses.replace(target, device=dataclasses.replace(
-            target.device, widening=cpu_widening()))  # fmt: skip
         on_cpu = estimate(workload, est.candidate, as_cpu, plan.rules, plan.precision)
         predicted = on_cpu.memory_gb["total"]
         out.append({"rank": rank, "predicted_gb": est.memory_gb["total"],
                     "predicted_cpu_gb": predicted, "xla_gb": xla, "error": predicted / xla - 1,
-                    "compile_s": run.compile_s})  # fmt: skip
+                    "attention": plan.attention, "compile_s": run.compile_s})  # fmt: skip
     return out
 
 
@@ -222,7 +224,10 @@ def _table(r: dict) -> str:
         lines += ["", "nearest rejected:"]
         lines += [f"  {x['plan']}: {_short(x['reasons'][0])}" for x in r["rejected"]]
     if r["confirmed"]:
-        lines += ["", f"compiled ahead of time on {t['devices']} virtual CPU devices:"]
+        einsums = any(c.get("attention") == "cudnn" for c in r["confirmed"])
+        lines += ["", f"compiled ahead of time on {t['devices']} virtual CPU devices"
+                  + (" (cuDNN attention as its einsums: the kernel compiles on GPUs only):"
+                     if einsums else ":")]  # fmt: skip
         for c in r["confirmed"]:
             if "skipped" in c:
                 lines.append(f"  skipped: {c['skipped']}")

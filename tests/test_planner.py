@@ -14,6 +14,7 @@ from engine.config import PRESETS, ConfigError, explicit_keys, parse_args
 from engine.estimate import compile_abstract, memory
 from engine.family import model_arch
 from engine.plan import Plan, apply_plan, violations
+from engine.plan_main import _confirm
 from engine.trainer import train
 from sharding.planner import Candidate, estimate, factorizations
 
@@ -151,6 +152,19 @@ def test_plan_command_line_and_its_errors():
     small = cli(*run, "--target.kind", "h100", "--target.memory_gb", "1e-6", module="engine.plan")
     assert small.returncode == 2 and "No plan fits" in small.stderr
     assert "--model.remat=full" in small.stderr and "Traceback" not in small.stderr
+
+
+def test_the_confirmation_holds_a_cudnn_plan_to_the_einsums_it_compiles():
+    """cuDNN's kernel compiles on GPUs only, so `--confirm` compiles a cuDNN plan's einsums on
+    the CPU: its prediction must count their residuals, not the kernel's (it did: -69 % here)."""
+    cfg = PRESETS["tiny"].replace(data={"seq_len": 512}, precision="bf16")
+    target = target_for("h100", 8)
+    fits, _ = plan_search(cfg, target, platform="gpu")
+    (plan, est), *_ = fits
+    assert plan.attention == "cudnn"
+    (confirmed,) = _confirm(cfg, [(plan, est)], target)
+    assert confirmed["attention"] == "cudnn" and abs(confirmed["error"]) < 0.10, confirmed
+    assert confirmed["predicted_cpu_gb"] > 2 * confirmed["predicted_gb"]  # [T, T] scores
 
 
 def _layer_bytes(preset: str, seq_len: int, attention: str) -> dict:
