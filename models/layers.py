@@ -36,18 +36,15 @@ _CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
 _FUSED_ATTENTION = "fused_attention"
 
 
-def _any_of(*policies: Callable) -> Callable:
-    return lambda prim, *args, **params: any(p(prim, *args, **params) for p in policies)
-
-
 def _fused_attention_kernel(prim, *_, **__) -> bool:
     return prim.name == _CUDNN_ATTENTION_FORWARD
 
 
 def _keeping_fused_attention(policy: Callable, *names: str) -> Callable:
     """`policy`, the activations `names` and the fused attention kernel's residuals."""
+    both = jax.checkpoint_policies.save_from_both_policies
     names = jax.checkpoint_policies.save_only_these_names(*names, _FUSED_ATTENTION)
-    return _any_of(policy, names, _fused_attention_kernel)
+    return both(policy, both(names, _fused_attention_kernel))
 
 
 _POLICIES = {

@@ -408,7 +408,7 @@ import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 from engine.config import PRESETS
 from engine.hostmem import arenas
-from engine.setup import StepCache, setup
+from engine.setup import setup
 mesh = jax.make_mesh((jax.device_count(),), ("d",))
 x = jax.device_put(jnp.ones((8 * 256, 512)), NamedSharding(mesh, PartitionSpec("d")))
 jax.jit(lambda x: jnp.sin(x * 2).sum(axis=1))(x).block_until_ready()
